@@ -1,0 +1,78 @@
+"""Figures as PNG with Pillow only: line plots (loss curves, schedules, Fig. 8) and image grids.
+
+Deliberately small: enough to look at a curve or a row of masks without matplotlib.
+"""
+import math
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+           (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+
+
+def line_plot(path, series, title="", xlabel="", ylabel="", size=(640, 420), logy=False):
+    """series: {label: (xs, ys)}. Writes a PNG with axes, ticks and a legend."""
+    W, H = size
+    left, right, top, bottom = 64, 16, 28, 44
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    xs = np.concatenate([np.asarray(x, dtype=float) for x, _ in series.values()])
+    ys = np.concatenate([np.asarray(y, dtype=float) for _, y in series.values()])
+    fy = (lambda v: np.log10(np.maximum(v, 1e-12))) if logy else (lambda v: v)
+    finite = np.isfinite(fy(ys))
+    x0, x1 = float(xs.min()), float(xs.max())
+    y0, y1 = (float(fy(ys[finite]).min()), float(fy(ys[finite]).max())) if finite.any() else (0.0, 1.0)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
+
+    def px(x, y):
+        return (left + (x - x0) / (x1 - x0) * (W - left - right),
+                H - bottom - (fy(y) - y0) / (y1 - y0) * (H - top - bottom))
+
+    d.rectangle([left, top, W - right, H - bottom], outline="black")
+    for i in range(5):
+        xv, yv = x0 + (x1 - x0) * i / 4, y0 + (y1 - y0) * i / 4
+        gx = left + (W - left - right) * i / 4
+        gy = H - bottom - (H - top - bottom) * i / 4
+        d.line([gx, H - bottom, gx, H - bottom + 4], fill="black")
+        d.text((gx - 12, H - bottom + 6), _fmt(xv), fill="black")
+        d.line([left - 4, gy, left, gy], fill="black")
+        d.text((4, gy - 5), _fmt(10**yv if logy else yv), fill="black")
+    for k, (label, (x, y)) in enumerate(series.items()):
+        c = COLOURS[k % len(COLOURS)]
+        pts = [px(a, b) for a, b in zip(np.asarray(x, float), np.asarray(y, float)) if np.isfinite(fy(b))]
+        if len(pts) > 1:
+            d.line(pts, fill=c, width=2)
+        for p in pts if len(pts) <= 60 else []:
+            d.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=c)
+        d.rectangle([left + 8, top + 6 + 14 * k, left + 20, top + 14 + 14 * k], fill=c)
+        d.text((left + 24, top + 4 + 14 * k), str(label), fill="black")
+    d.text((left, 8), title, fill="black")
+    d.text(((W - len(xlabel) * 6) // 2, H - 16), xlabel, fill="black")
+    d.text((4, 12), ylabel, fill="black")
+    img.save(path)
+    return img
+
+
+def image_grid(path, images, labels=None, cols=None, cell=128):
+    """images: list of (H, W) or (H, W, 3) arrays, uint8 in [0, 255] or float in [0, 1]. One PNG."""
+    n = len(images)
+    cols = cols or min(n, 8)
+    rows = math.ceil(n / cols)
+    grid = Image.new("RGB", (cols * cell, rows * (cell + 14)), "white")
+    d = ImageDraw.Draw(grid)
+    for i, im in enumerate(images):
+        a = np.asarray(im)
+        a = a / 255.0 if a.dtype == np.uint8 else a.astype(float)
+        a = (np.clip(a, 0, 1) * 255).astype(np.uint8)
+        tile = Image.fromarray(a).convert("RGB").resize((cell, cell), Image.NEAREST)
+        r, c = divmod(i, cols)
+        grid.paste(tile, (c * cell, r * (cell + 14) + 14))
+        if labels:
+            d.text((c * cell + 2, r * (cell + 14) + 1), str(labels[i]), fill="black")
+    grid.save(path)
+    return grid
+
+
+def _fmt(v):
+    return f"{v:.3g}"
