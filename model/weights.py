@@ -13,7 +13,7 @@ import zipfile
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 
 class WeightsError(ValueError):
@@ -69,6 +69,16 @@ def load_into(module, state_dict, where, dtype=torch.float32, device="cpu"):
                   for k, v in state_dict.items()}
     module.load_state_dict(state_dict, strict=True, assign=True)
     return module.to(device=device).eval()
+
+
+def save_file_atomic(tensors, path, metadata=None):
+    """Write a safetensors file so that a crash never leaves a half-written file under `path`:
+    write to a temporary name in the same folder, fsync, then rename over the target."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file(tensors, tmp, metadata=metadata)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _listing(names, limit=12):
