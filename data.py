@@ -1,0 +1,447 @@
+"""The paper's datasets (Sec. 4.1), read from their official on-disk layouts.
+
+One table, `DATASETS`, says for each benchmark where its images and label maps lie and what the
+label values mean; two views read it:
+
+  TrainSet  item = dict(image (3, S, S) in [-1, 1], mask (S, S) float {0, 1}, prompt str, class_index int):
+            the binary mask of ONE class and its prompt, as Eq. 6 trains (Sec. 3.6)
+  EvalSet   item = (image (3, H, W) in [-1, 1], labels (H, W) int64, image path), at the original size
+
+Label maps, as EvalSet yields them, are int64 in class-index space:
+  c in [0, C)      class c (the c-th class line of classes/<name>.txt)
+  NONE = -1        a valid pixel of no class (DeepGlobe background, REFUGE outside the disc)
+  ignore_index     not annotated, not scored: 255, or 65535 where 255 is a class (ADE-847, PC-459)
+
+Class lists live in classes/<name>.txt: lines starting with '#' are comments (the first says where
+the list comes from), then one class per line in label order; "a, b, c" lists synonyms and the
+prompt uses the first ("building, edifice" -> "a photo of a building."). `class_names` holds these
+first names; ADE-847 has a few repeated first names (bag, pot, screen, ...) that a prompt cannot
+tell apart. Any dataset accepts `classes=PATH`, a list of your own in the same format.
+"""
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+NONE = -1
+INVALID = -2            # a raw label value that the dataset never uses (an error if found)
+CLASSES_DIR = Path(__file__).resolve().parent / "classes"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+class DataError(ValueError):
+    """A dataset that is missing, incomplete or inconsistent; the message names the file."""
+
+
+# ---- reading files ---------------------------------------------------------------------------
+
+def load_rgb(path):
+    """Any image file -> RGB PIL image, EXIF orientation applied (as detectron2's read_image).
+
+    Modes: RGBA/LA lose alpha, P/L/CMYK go through PIL's conversion, 16-bit grey (I;16, I) is
+    scaled by 255/65535 (PIL would clip it at 255)."""
+    try:
+        with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img)
+            img.load()
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"cannot read image {path}: {e}") from e
+    if img.mode.startswith("I"):
+        grey = np.asarray(img, dtype=np.float64) * (255 / 65535)
+        img = Image.fromarray(grey.round().clip(0, 255).astype(np.uint8))
+    return img.convert("RGB")
+
+
+def image_to_tensor(img):
+    """RGB PIL image -> (3, H, W) float32 in [-1, 1]."""
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1)
+    return x.permute(2, 0, 1).contiguous()                     # (H, W, 3) -> (3, H, W)
+
+
+def read_raw_labels(path, mode=""):
+    """A label-map file -> its raw values (H, W), no EXIF (label maps carry none). `mode`: convert
+    first (DeepGlobe and REFUGE masks are read as grey levels, "L")."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if mode:
+                img = img.convert(mode)
+            raw = np.asarray(img)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"cannot read label map {path}: {e}") from e
+    if raw.ndim != 2:
+        raise DataError(f"label map {path} has mode {img.mode} with {raw.shape[2]} channels; expected "
+                        "one channel of label values (a P, L or 16-bit png/tif)")
+    return raw
+
+
+def read_class_file(path):
+    """classes/<name>.txt -> the class lines (synonym lists), '#' comments and blank lines skipped."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [ln.strip() for ln in f]
+    except OSError as e:
+        raise DataError(f"cannot read class list {path}: {e}") from e
+    names = [ln for ln in lines if ln and not ln.startswith("#")]
+    if not names:
+        raise DataError(f"class list {path} has no class lines")
+    return names
+
+
+def first_name(synonyms):
+    """'building, edifice' -> 'building' (the prompt's class name)."""
+    return synonyms.split(",")[0].strip()
+
+
+# ---- the datasets ----------------------------------------------------------------------------
+# A label table maps raw label-map values to labels; it is a function of the number of classes C
+# and the ignore_index, so that a class list of your own (classes=PATH) still works.
+
+def same_ids(C, ignore):
+    """Raw value v < C is class v; the raw ignore value is the ignore_index."""
+    return {**{v: v for v in range(C)}, ignore: ignore}
+
+
+def ade150_ids(C, ignore):
+    """ADEChallengeData2016 png: 0 = 'other' (not annotated) -> ignore, v -> class v - 1."""
+    return {0: ignore, **{v: v - 1 for v in range(1, C + 1)}}
+
+
+# COCO-Stuff stuffthingmaps values (= labels.txt id - 1) of the 11 thing classes without annotations:
+# street sign, hat, shoe, eye glasses, plate, mirror, window, desk, door, blender, hair brush.
+COCO_UNUSED = (11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90)
+
+
+def cocostuff_ids(C, ignore):
+    """stuffthingmaps png value v = COCO-Stuff labels.txt id v + 1 (0..181), 255 unlabeled. The 171
+    used values map to 0..170 in order; the 11 unused ones (never present) and 255 to ignore."""
+    used = [v for v in range(182) if v not in COCO_UNUSED]
+    return {**{v: i for i, v in enumerate(used)}, **{v: ignore for v in COCO_UNUSED}, 255: ignore}
+
+
+def phenobench_ids(C, ignore):
+    """PhenoBench semantics: 0 soil, 1 crop, 2 weed, 3 partial crop -> crop, 4 partial weed -> weed
+    (the devkit's default, ignore_partial=False)."""
+    return {0: 0, 1: 1, 2: 2, 3: 1, 4: 2}
+
+
+def deepglobe_ids(C, ignore):
+    """DeepGlobe road masks (read as grey levels): >= 128 road (class 0), below: background (NONE)."""
+    return {v: 0 if v >= 128 else NONE for v in range(256)}
+
+
+def refuge_ids(C, ignore):
+    """REFUGE masks (grey levels): 255 background (NONE), 128 disc rim -> 0, 0 cup -> 1. Label 0
+    ('optic disc') is only the rim in the label map; the class 'optic disc' = rim + cup comes from
+    Spec.nested, so a disc mask is the whole disc, as REFUGE scores it."""
+    return {255: NONE, 128: 0, 0: 1}
+
+
+@dataclass(frozen=True)
+class Spec:
+    """Where one benchmark's files lie (under the root you give) and what its label values mean.
+    An image and its label map pair up by their path below `images`/`masks` minus the suffix."""
+    layout: str                      # the expected layout, shown in errors
+    images: str                      # image folder; {split} = the dataset's name for the split
+    image_suffix: tuple              # endings of image file names (matched in any case)
+    masks: str                       # label-map folder
+    mask_suffix: str
+    splits: dict                     # our split name -> the dataset's
+    classes: str                     # classes/<classes>.txt; "" = <root>/classes.txt
+    label_table: Callable            # (C, ignore_index) -> {raw value: label}
+    mask_mode: str = ""              # PIL mode to read label maps in ("L": grey levels)
+    nested: dict = field(default_factory=dict)   # class -> classes whose pixels it also covers
+    metric: str = "miou"             # "miou" (confusion matrix) or "binary" (IoU and Dice per class)
+
+
+DATASETS = {
+    # ADE20K SceneParsing release (sceneparsing.csail.mit.edu), unzipped as is.
+    "ade150": Spec(
+        layout="ADEChallengeData2016/images/{training,validation}/*.jpg and "
+               "ADEChallengeData2016/annotations/{training,validation}/*.png (uint8, 0 = other, v = class v-1)",
+        images="images/{split}", image_suffix=(".jpg",), masks="annotations/{split}", mask_suffix=".png",
+        splits={"train": "training", "val": "validation"}, classes="ade150", label_table=ade150_ids),
+    # ADE20K full (ADE20K_2021_17_01) as converted by prepare_ade20k_full.py of Mask2Former / CAT-Seg:
+    # short side <= 512, uint16 tif of class indices 0..846, 65535 = unlabeled.
+    "ade847": Spec(
+        layout="ADE20K_2021_17_01/images_detectron2/{training,validation}/*.jpg and "
+               "ADE20K_2021_17_01/annotations_detectron2/{training,validation}/*.tif (uint16, 65535 = ignore), "
+               "made by prepare_ade20k_full.py of Mask2Former or CAT-Seg",
+        images="images_detectron2/{split}", image_suffix=(".jpg",),
+        masks="annotations_detectron2/{split}", mask_suffix=".tif",
+        splits={"train": "training", "val": "validation"}, classes="ade847", label_table=same_ids),
+    # PASCAL Context as ODISE prepares it (FC-CLIP and SAN use the same folders): pascal_ctx_d2/ from
+    # prepare_pascal_ctx_sem_seg.py (59 classes, png, 255 = background/ignore) and
+    # prepare_pascal_ctx_full_sem_seg.py (459 classes, uint16 tif = LabelMap - 1, 65535 = ignore).
+    "pc59": Spec(
+        layout="pascal_ctx_d2/images/{training,validation}/*.jpg and "
+               "pascal_ctx_d2/annotations_ctx59/{training,validation}/*.png (0..58, 255 = ignore), "
+               "made by ODISE's datasets/prepare_pascal_ctx_sem_seg.py",
+        images="images/{split}", image_suffix=(".jpg",), masks="annotations_ctx59/{split}", mask_suffix=".png",
+        splits={"train": "training", "val": "validation"}, classes="pc59", label_table=same_ids),
+    "pc459": Spec(
+        layout="pascal_ctx_d2/images/{training,validation}/*.jpg and "
+               "pascal_ctx_d2/annotations_ctx459/{training,validation}/*.tif (uint16 0..458, 65535 = ignore), "
+               "made by ODISE's datasets/prepare_pascal_ctx_full_sem_seg.py",
+        images="images/{split}", image_suffix=(".jpg",), masks="annotations_ctx459/{split}", mask_suffix=".tif",
+        splits={"train": "training", "val": "validation"}, classes="pc459", label_table=same_ids),
+    # COCO-Stuff 164k (github.com/nightrome/cocostuff): COCO 2017 images + stuffthingmaps_trainval2017.zip.
+    "cocostuff171": Spec(
+        layout="images/{train2017,val2017}/*.jpg (COCO 2017) and annotations/{train2017,val2017}/*.png "
+               "(stuffthingmaps_trainval2017.zip: values 0..181 = labels.txt id - 1, 255 = unlabeled)",
+        images="images/{split}", image_suffix=(".jpg",), masks="annotations/{split}", mask_suffix=".png",
+        splits={"train": "train2017", "val": "val2017"}, classes="cocostuff171", label_table=cocostuff_ids),
+    # Cityscapes fine annotations; the *_labelTrainIds.png come from cityscapesscripts'
+    # preparation/createTrainIdLabelImgs.py.
+    "cityscapes19": Spec(
+        layout="leftImg8bit/{train,val}/<city>/*_leftImg8bit.png and "
+               "gtFine/{train,val}/<city>/*_gtFine_labelTrainIds.png (trainIds 0..18, 255 = ignore)",
+        images="leftImg8bit/{split}", image_suffix=("_leftImg8bit.png",),
+        masks="gtFine/{split}", mask_suffix="_gtFine_labelTrainIds.png",
+        splits={"train": "train", "val": "val"}, classes="cityscapes19", label_table=same_ids),
+    # DeepGlobe 2018 road extraction: only the release's train/ has masks (valid/ and test/ are the
+    # unlabelled challenge sets), so hold out part of train/ as val/ yourself.
+    "deepglobe_roads": Spec(
+        layout="{train,val}/<id>_sat.jpg next to <id>_mask.png (road white: >= 128 as grey levels); the "
+               "release has masks only in train/: move a held-out part of it to val/",
+        images="{split}", image_suffix=("_sat.jpg",), masks="{split}", mask_suffix="_mask.png",
+        splits={"train": "train", "val": "val"}, classes="deepglobe_roads", label_table=deepglobe_ids,
+        mask_mode="L", metric="binary"),
+    # REFUGE-2 as widely mirrored (e.g. kaggle victorlemosml/refuge2): split folders with images/ and mask/.
+    "refuge2": Spec(
+        layout="{train,val,test}/images/*.jpg and {train,val,test}/mask/*.bmp "
+               "(255 background, 128 optic disc rim, 0 optic cup)",
+        images="{split}/images", image_suffix=(".jpg",), masks="{split}/mask", mask_suffix=".bmp",
+        splits={"train": "train", "val": "val", "test": "test"}, classes="refuge2", label_table=refuge_ids,
+        mask_mode="L", nested={0: (1,)}, metric="binary"),
+    # PhenoBench (phenobench.org), unzipped as is.
+    "phenobench": Spec(
+        layout="{train,val}/images/*.png and {train,val}/semantics/*.png "
+               "(0 soil, 1 crop, 2 weed, 3 partial crop, 4 partial weed)",
+        images="{split}/images", image_suffix=(".png",), masks="{split}/semantics", mask_suffix=".png",
+        splits={"train": "train", "val": "val"}, classes="phenobench", label_table=phenobench_ids),
+    # Your own data: label maps of class indices (0..C-1, 255 = ignore; 65535 if C > 255).
+    "folder": Spec(
+        layout="classes.txt, images/[<split>/]<name>.<jpg|png|...> and masks/[<split>/]<name>.png "
+               "(class indices 0..C-1 in the order of classes.txt, 255 = ignore); without <split>/ "
+               "sub-folders the one set serves every split",
+        images="images/{split}", image_suffix=IMAGE_SUFFIXES, masks="masks/{split}", mask_suffix=".png",
+        splits={}, classes="", label_table=same_ids),
+}
+
+
+def find_files(folder, suffixes):
+    """{key: path} of the files below `folder` whose names end in one of `suffixes` (any case);
+    key = the path relative to `folder` without that ending, shared by an image and its mask."""
+    found = {}
+    for path in sorted(folder.rglob("*")):
+        if path.name.startswith(".") or not path.is_file():
+            continue
+        suffix = next((s for s in suffixes if path.name.lower().endswith(s.lower())), None)
+        if suffix is None:
+            continue
+        key = path.relative_to(folder).as_posix()[:-len(suffix)]
+        if key in found:
+            raise DataError(f"two files for one sample: {found[key]} and {path}")
+        found[key] = path
+    return found
+
+
+def find_pairs(name, spec, root, split):
+    """[(image path, label-map path)] of one split, sorted; every image needs a label map and back."""
+    if spec.splits:
+        if split not in spec.splits:
+            raise DataError(f"{name} has no split {split!r}; it has {', '.join(spec.splits)}")
+        folder_split = spec.splits[split]
+    else:                          # the plain folder: images/<split>/ if there is one, else images/ itself
+        base = root / spec.images.format(split="")
+        folder_split = split if (base / split).is_dir() else ""
+        others = sorted(d.name for d in base.iterdir() if d.is_dir()) if base.is_dir() and not folder_split else []
+        if others:
+            raise DataError(f"{name}: no folder {base / split} (there are {', '.join(others)}). "
+                            f"Expected under {root}: {spec.layout}")
+    image_dir = root / spec.images.format(split=folder_split)
+    mask_dir = root / spec.masks.format(split=folder_split)
+    for d in (image_dir, mask_dir):
+        if not d.is_dir():
+            raise DataError(f"{name}: folder {d} not found. Expected under {root}: {spec.layout}")
+    images = find_files(image_dir, spec.image_suffix)
+    masks = find_files(mask_dir, (spec.mask_suffix,))
+    if not images:
+        raise DataError(f"{name} {split}: no images ({' '.join(spec.image_suffix)}) in {image_dir}. "
+                        f"Expected under {root}: {spec.layout}")
+    for have, lack, what, where, ending in ((images, masks, "image", mask_dir, spec.mask_suffix),
+                                            (masks, images, "label map", image_dir, spec.image_suffix[0])):
+        missing = [k for k in have if k not in lack]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise DataError(f"{name} {split}: {what} {have[missing[0]]} has no partner: expected "
+                            f"{where / (missing[0] + ending)}{more}")
+    return [(images[k], masks[k]) for k in sorted(images)]
+
+
+def fixed_subset(n, fraction, seed):
+    """Indices of a fixed random `fraction` of n samples (the data-efficiency study: 1, 1/2 ... 1/16).
+    A prefix of one seeded permutation, so for one seed the smaller subsets nest in the larger."""
+    if not 0 < fraction <= 1:
+        raise DataError(f"fraction must be in (0, 1], got {fraction}")
+    keep = max(1, round(n * fraction))
+    return sorted(np.random.default_rng(seed).permutation(n)[:keep].tolist())
+
+
+class LabelledImages(torch.utils.data.Dataset):
+    """The files of one split of one dataset (DATASETS[name]) and their decoded label maps."""
+
+    def __init__(self, name, root, split, classes=None, fraction=1.0, seed=0):
+        if name not in DATASETS:
+            raise DataError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+        self.name, self.split, self.spec = name, split, DATASETS[name]
+        root = Path(root)
+        if not root.is_dir():
+            raise DataError(f"{name}: dataset root {root} not found. Expected under it: {self.spec.layout}")
+        self.classes_file = Path(classes) if classes else (
+            CLASSES_DIR / f"{self.spec.classes}.txt" if self.spec.classes else root / "classes.txt")
+        self.synonyms = read_class_file(self.classes_file)
+        self.class_names = [first_name(s) for s in self.synonyms]
+        C = len(self.class_names)
+        self.ignore_index = 255 if C <= 255 else 65535
+        table = self.spec.label_table(C, self.ignore_index)
+        needed = max(v for v in table.values() if v not in (NONE, self.ignore_index)) + 1
+        if needed > C:
+            raise DataError(f"{name}: the class list {self.classes_file} has {C} classes, fewer than the "
+                            f"dataset's labels need ({needed})")
+        self.lut = np.full(max(table) + 1, INVALID, dtype=np.int64)     # raw value -> label
+        self.lut[list(table)] = list(table.values())
+        pairs = find_pairs(name, self.spec, root, split)
+        self.pairs = [pairs[i] for i in fixed_subset(len(pairs), fraction, seed)]
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def load(self, index):
+        """-> (RGB PIL image, labels (H, W) int64 as in the module docstring, image path)."""
+        image_path, mask_path = self.pairs[index]
+        image = load_rgb(image_path)
+        raw = read_raw_labels(mask_path, self.spec.mask_mode)
+        if raw.shape != (image.height, image.width):
+            raise DataError(f"image {image_path} is {image.width}x{image.height} but its label map "
+                            f"{mask_path} is {raw.shape[1]}x{raw.shape[0]}")
+        return image, self.decode(raw, mask_path), str(image_path)
+
+    def decode(self, raw, mask_path):
+        raw = raw.astype(np.int64)
+        outside = (raw < 0) | (raw >= len(self.lut))
+        labels = self.lut[np.where(outside, 0, raw)]
+        bad = outside | (labels == INVALID)
+        if bad.any():
+            raise DataError(f"label map {mask_path}: value {raw[bad][0]} is outside the class list of "
+                            f"{self.name} ({len(self.class_names)} classes, {self.classes_file})")
+        return labels
+
+    def class_mask(self, labels, c):
+        """The binary mask (bool, like labels) of class c: its own label plus any nested classes."""
+        return np.isin(labels, (c,) + tuple(self.spec.nested.get(c, ())))
+
+    def present_classes(self, labels):
+        """Sorted classes with at least one pixel (ignore and NONE are no class)."""
+        present = {int(v) for v in np.unique(labels) if 0 <= v < len(self.class_names)}
+        present |= {c for c, inner in self.spec.nested.items() if present & set(inner)}
+        return sorted(present)
+
+
+class EvalSet(LabelledImages):
+    """Evaluation view: (image (3, H, W) in [-1, 1], labels (H, W) int64, image path) at the original
+    size; predictions are scored at the label map's size. `ignore_index` is the unscored value,
+    `spec.metric` says whether the benchmark reports mIoU or per-class binary IoU/Dice."""
+
+    def __getitem__(self, index):
+        image, labels, path = self.load(index)
+        return image_to_tensor(image), torch.from_numpy(labels), path
+
+
+class TrainSet(LabelledImages):
+    """Training view: one class per sample, as Eq. 6 trains.
+
+    Everything random is drawn from numpy's Generator seeded by (seed, epoch, index), so an item is
+    the same whatever the process, worker or batch it lands in (DDP, resume). Per item:
+      1. augment (`augment`): resize the short side to size * U(scale), random crop/pad to size x size,
+         horizontal flip with p = 0.5;
+      2. the class: uniform among the classes present in the augmented crop; with probability
+         p_absent (and always when none is present) uniform among the absent ones, with an empty mask;
+      3. mask = that class's pixels (nested classes included). Ignored pixels are 0, like background:
+         the loss (Eq. 6) compares VAE latents of the whole mask, where a pixel-wise ignore cannot act.
+      4. prompt = template.format(first synonym of the class).
+    """
+
+    def __init__(self, name, root, split="train", size=512, template="a photo of a {}.", p_absent=0.0,
+                 scale=(0.8, 1.2), classes=None, fraction=1.0, seed=0):
+        super().__init__(name, root, split, classes=classes, fraction=fraction, seed=seed)
+        if not 0 <= p_absent <= 1:
+            raise DataError(f"p_absent must be in [0, 1], got {p_absent}")
+        self.size, self.template, self.p_absent, self.scale, self.seed = size, template, p_absent, scale, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __getitem__(self, index):
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        image, labels, _ = self.load(index)
+        x, labels = augment(image, labels, self.size, rng, self.scale, self.ignore_index)
+        present = self.present_classes(labels)
+        absent = sorted(set(range(len(self.class_names))) - set(present))
+        use_absent = bool(absent) and (not present or rng.random() < self.p_absent)
+        pool = absent if use_absent else present
+        c = pool[rng.integers(len(pool))]
+        mask = torch.from_numpy(self.class_mask(labels, c).astype(np.float32))
+        return dict(image=x, mask=mask, prompt=self.template.format(self.class_names[c]), class_index=c)
+
+
+def augment(image, labels, size, rng, scale=(0.8, 1.2), ignore_index=255):
+    """The paper's training augmentation on an image and its label map together.
+
+    Resize so the short side is size * s, s ~ U(scale) (bicubic for the image, nearest for labels),
+    take a size x size window at a random offset (where the window leaves the image: image 0 = mid
+    grey in [-1, 1], labels ignore_index), flip both left-right with p = 0.5.
+    -> (image (3, size, size) float32 in [-1, 1], labels (size, size) int64)."""
+    s = rng.uniform(*scale)
+    r = size * s / min(image.width, image.height)
+    w, h = max(1, round(image.width * r)), max(1, round(image.height * r))
+    image = image.resize((w, h), Image.BICUBIC)
+    labels = np.asarray(Image.fromarray(labels.astype(np.int32)).resize((w, h), Image.NEAREST), dtype=np.int64)
+    top = int(rng.integers(min(0, h - size), max(0, h - size) + 1))
+    left = int(rng.integers(min(0, w - size), max(0, w - size) + 1))
+    x = window(np.asarray(image, dtype=np.float32) / 127.5 - 1, top, left, size, 0.0)
+    labels = window(labels, top, left, size, ignore_index)
+    if rng.random() < 0.5:
+        x, labels = x[:, ::-1], labels[:, ::-1]
+    x = torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1).contiguous()    # (S, S, 3) -> (3, S, S)
+    return x, np.ascontiguousarray(labels)
+
+
+def window(a, top, left, size, fill):
+    """The size x size window of a (H, W, ...) at (top, left); where it leaves `a`, `fill`."""
+    out = np.full((size, size) + a.shape[2:], fill, dtype=a.dtype)
+    y0, x0 = max(top, 0), max(left, 0)
+    y1, x1 = min(top + size, a.shape[0]), min(left + size, a.shape[1])
+    out[y0 - top:y1 - top, x0 - left:x1 - left] = a[y0:y1, x0:x1]
+    return out
+
+
+def collate(items):
+    """TrainSet items -> dict(image (B, 3, S, S), mask (B, S, S), prompt [B], class_index (B,))."""
+    return dict(image=torch.stack([it["image"] for it in items]),
+                mask=torch.stack([it["mask"] for it in items]),
+                prompt=[it["prompt"] for it in items],
+                class_index=torch.tensor([it["class_index"] for it in items]))
+
+
+def build(name, root, split, *, evaluation=False, classes=None, fraction=1.0, seed=0, **train_options):
+    """The training view of one split (train_options: size, template, p_absent, scale) or, with
+    evaluation=True, the evaluation view. `classes`: a class-list file of your own."""
+    if evaluation:
+        return EvalSet(name, root, split, classes=classes, fraction=fraction, seed=seed)
+    return TrainSet(name, root, split, classes=classes, fraction=fraction, seed=seed, **train_options)
