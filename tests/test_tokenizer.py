@@ -1,0 +1,71 @@
+"""The BPE tokenizer against transformers' CLIPTokenizer on the real vocabulary (open_clip_torch's
+bpe_simple_vocab_16e6.txt.gz, installed by .ci/run with --no-deps): identical ids and padding."""
+import pytest
+import torch
+
+from model.clip import Tokenizer
+from tests.test_clip import VOCAB, write_hf_vocab
+
+pytestmark = pytest.mark.skipif(VOCAB is None, reason="open_clip_torch (the vocabulary) is not installed")
+
+BASE = ["a photo of a cat.", "A Photo Of A CAT!", "", " ", "   leading and trailing   ", "tabs\tand\nnewlines",
+        "it's", "don't", "we're", "they've", "I'm", "you'll", "he'd", "rock'n'roll", "3.14159", "1,000,000 people",
+        "année", "naïve café", "Straße", "Ελληνικά", "русский текст", "日本語のテキスト", "中文", "한국어", "emoji 🐈‍⬛ 🚀 👍🏽",
+        "punctuation!!! ??? ... ;;; :-) (a) [b] {c}", "hyphen-ated words", "under_score", "e-mail@example.com",
+        "#hashtag", "$100 & 50%", "x" * 300, "the " * 100, "a photo of a " + "very " * 80 + "big dog",
+        "tv-monitor", "potted plant", "sky, clouds", "traffic light", "fire hydrant", "COCO-Stuff", "ADE20K"]
+CLASSES = ["wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet",
+           "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water",
+           "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field", "armchair", "seat", "fence", "desk",
+           "rock", "wardrobe", "lamp", "bathtub", "railing", "cushion", "base", "box", "column", "signboard",
+           "chest of drawers", "counter", "sand", "sink", "skyscraper", "fireplace", "refrigerator", "grandstand",
+           "path", "stairs", "runway", "case", "pool table", "pillow", "screen door", "stairway", "river", "bridge",
+           "bookcase", "blind", "coffee table", "toilet", "flower", "book", "hill", "bench", "countertop", "stove",
+           "palm", "kitchen island", "computer", "swivel chair", "boat", "bar", "arcade machine", "hovel"]
+TEXTS = BASE + [f"A photo of a {c}." for c in CLASSES] + [f"a {c} in the scene" for c in CLASSES]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    from transformers import CLIPTokenizer
+    folder = tmp_path_factory.mktemp("tok")
+    write_hf_vocab(None, VOCAB, folder)
+    ref = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    return Tokenizer.from_files(folder / "vocab.json", folder / "merges.txt"), Tokenizer.from_openai(VOCAB), ref
+
+
+def reference_ids(ref, texts):
+    out = ref(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")["input_ids"]
+    return out
+
+
+def test_at_least_200_strings():
+    assert len(TEXTS) >= 200
+
+
+def test_ids_and_padding_match_transformers(pair):
+    ours, ours_openai, ref = pair
+    expected = reference_ids(ref, TEXTS)
+    got = ours(TEXTS)
+    bad = [t for t, a, b in zip(TEXTS, got, expected) if not torch.equal(a, b)]
+    assert not bad, bad[:5]
+    # the same vocabulary rebuilt from the OpenAI merges file, padded with "!" = 0 instead of EOS
+    got0 = ours_openai(TEXTS)
+    eos_pad = torch.where(got0 == 0, torch.full_like(got0, 49407), got0)
+    unpadded = torch.where((expected == 49407).cumsum(1) > 1, torch.full_like(expected, 49407), expected)
+    assert torch.equal(eos_pad, unpadded)
+
+
+def test_truncation_keeps_the_end_token(pair):
+    ours, _, _ = pair
+    long = "a photo of a " + "very " * 100 + "big dog"
+    ids = ours([long])[0]
+    assert ids[0] == 49406 and ids[-1] == 49407 and (ids != 49407).sum() == 76
+    assert ours.token_counts([long])[0] > 77 and ours.token_counts(["a cat"]) == [4]
+
+
+def test_known_ids(pair):
+    _, ours_openai, _ = pair
+    # open_clip.tokenize("a diagram") -> [49406, 320, 22697, 49407, 0, ...] (FACTS.md: the padding of SD2)
+    ids = ours_openai(["a diagram"])[0]
+    assert ids[:5].tolist() == [49406, 320, 22697, 49407, 0]
