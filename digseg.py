@@ -1,0 +1,439 @@
+"""DiGSeg: a pretrained Stable Diffusion 2 fine-tuned into a text-conditioned segmenter.
+
+Read this file first. It follows the paper:
+  Sec. 3.4  latent pathway        image and mask both go through the frozen SD VAE
+  Sec. 3.5  text conditioner      frozen CLIP text tower + trainable MLP -> U-Net cross-attention
+  Sec. 3.6  training (Eq. 5, 6)   noise the mask latent (App. A.1), predict the noise, MSE
+  Sec. 3.7  inference (Eq. 7, 8)  DDIM-trailing from pure noise, ensemble in latent space, decode
+  App. A.2  what is trained        `trainable_parameters`
+  App. A.3  mask generation        `segment`, `aggregate`;  class label generation: `propose_classes`
+
+Shapes: B batch, K classes, E ensemble members, (H, W) pixels, (h, w) = (H, W) / 8 latents.
+"""
+import json
+import math
+import os
+import warnings
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+from model.diffusion import (add_noise, ddim_step, ddim_timesteps, multires_noise, previous_timestep,
+                             scaled_linear_alphas_cumprod, velocity)
+from model.weights import WeightsError, load_clip, load_sd2, read_state_dict, save_file_atomic
+
+NOISE_TYPES = ("gaussian", "multires", "multires_annealed")
+TRAINABLE_SETS = ("all", "paper")
+
+
+@dataclass
+class DiGSegConfig:
+    sd2: str                        # diffusers SD2 folder or single-file checkpoint
+    clip: str = ""                  # CLIP folder/file for the conditioner and class proposals
+    text: str = "clip"              # "clip": CLIP text tower + MLP (Sec. 3.5); "sd2": SD2's own encoder, no MLP
+    trainable: str = "all"          # "all" or "paper" (App. A.2)
+    noise: str = "multires_annealed"  # Table 4 rows: gaussian | multires | multires_annealed
+    noise_strength: float = 0.9     # s in App. A.1
+    target: str = "epsilon"         # what the U-Net predicts: epsilon (paper) | v_prediction | sample
+    resolution: int = 512           # inference: the long side is resized to this (paper: 512)
+    prompt_template: str = "a photo of a {}."
+    clip_vocab: str = ""            # bpe_simple_vocab_16e6.txt.gz, for OpenAI CLIP files without a vocab
+
+
+class DiGSeg(nn.Module):
+    def __init__(self, cfg, unet, vae, vae_scale, text_encoder, tokenizer, mlp=None, clip=None):
+        super().__init__()
+        self.cfg = cfg
+        self.unet = unet            # trained; conv_in takes cat([z_x, z_t]) -> 8 channels
+        self.vae = vae              # frozen
+        self.vae_scale = vae_scale  # 0.18215 for SD2: latents are E(x).mean * scale
+        self.text_encoder = text_encoder  # frozen: ids (B, 77) -> hidden (B, 77, D)
+        self.tokenizer = tokenizer
+        self.mlp = mlp              # trainable text projection (B, 77, D) -> (B, 77, 1024), None for text="sd2"
+        self.clip = clip            # frozen CLIP with a vision tower, for class proposals (App. A.3); may be None
+        self.register_buffer("alphas_cumprod", scaled_linear_alphas_cumprod(), persistent=False)
+        self._text_cache = {}       # prompt -> frozen text hidden state (77, D), cached at inference
+        for p in list(self.vae.parameters()) + list(self.text_encoder.parameters()):
+            p.requires_grad_(False)
+        if clip is not None:
+            clip.requires_grad_(False)
+        names = set(trainable_parameter_names(self, cfg.trainable))
+        for n, p in self.named_parameters():
+            if n.startswith("unet.") or n.startswith("mlp."):
+                p.requires_grad_(n in names)
+
+    # ---- building and saving -------------------------------------------------------------
+
+    @classmethod
+    def from_weights(cls, sd2_path, clip_path="", text="clip", trainable="all", dtype=torch.float32,
+                     device="cpu", **options):
+        """The pretrained pieces with a widened conv_in and a freshly initialised MLP."""
+        cfg = DiGSegConfig(sd2=str(sd2_path), clip=str(clip_path), text=text, trainable=trainable, **options)
+        model = cls._build(cfg, dtype, device)
+        widen_conv_in(model.unet)
+        return model
+
+    @classmethod
+    def _build(cls, cfg, dtype, device):
+        if cfg.trainable not in TRAINABLE_SETS:
+            raise ValueError(f"unknown trainable set {cfg.trainable!r}; valid: {', '.join(TRAINABLE_SETS)}")
+        if cfg.noise not in NOISE_TYPES:
+            raise ValueError(f"unknown noise type {cfg.noise!r}; valid: {', '.join(NOISE_TYPES)}")
+        if cfg.text not in ("clip", "sd2"):
+            raise ValueError(f"unknown text conditioner {cfg.text!r}; valid: clip, sd2")
+        sd = load_sd2(cfg.sd2, dtype=dtype, device=device, text_encoder=(cfg.text == "sd2"))
+        clip = load_clip(cfg.clip, dtype=dtype, device=device, vocab=cfg.clip_vocab or None) if cfg.clip else None
+        if cfg.text == "sd2":
+            text_encoder, tokenizer, mlp = sd.text_encoder, sd.tokenizer, None
+        else:
+            if clip is None:
+                raise ValueError("text='clip' needs a CLIP checkpoint (clip_path); or use text='sd2'")
+            text_encoder, tokenizer = TextHidden(clip), clip.tokenizer
+            width = clip.config.text_config.hidden_size
+            mlp = TextMLP(width, sd.unet.config.cross_attention_dim).to(device=device, dtype=dtype)
+        return cls(cfg, sd.unet, sd.vae, sd.vae_scale, text_encoder, tokenizer, mlp, clip)
+
+    def save(self, out_dir):
+        """The fine-tuned part only (trainable tensors, safetensors) + the config (JSON) that names
+        the frozen base weights. Both written atomically (temp file, fsync, rename)."""
+        os.makedirs(out_dir, exist_ok=True)
+        tensors = {n: p.detach().contiguous() for n, p in self.named_parameters() if p.requires_grad}
+        tensors["unet.conv_in.weight"] = self.unet.conv_in.weight.detach().contiguous()  # always: 8-channel
+        save_file_atomic(tensors, os.path.join(out_dir, "digseg.safetensors"))
+        _write_atomic(os.path.join(out_dir, "digseg.json"), json.dumps(asdict(self.cfg), indent=2))
+
+    @staticmethod
+    def config_of(ckpt_dir):
+        """The DiGSegConfig saved in a checkpoint folder (digseg.json)."""
+        cfg_path = os.path.join(ckpt_dir, "digseg.json")
+        if not os.path.isfile(cfg_path):
+            raise WeightsError(f"{ckpt_dir}: not a DiGSeg checkpoint (expected digseg.json and digseg.safetensors)")
+        with open(cfg_path) as f:
+            return DiGSegConfig(**json.load(f))
+
+    @classmethod
+    def from_checkpoint(cls, ckpt_dir, dtype=torch.float32, device="cpu"):
+        """A saved DiGSeg: the base weights named in digseg.json, then the fine-tuned tensors."""
+        cfg = cls.config_of(ckpt_dir)
+        model = cls._build(cfg, dtype, device)
+        widen_conv_in(model.unet)
+        tuned = read_state_dict(os.path.join(ckpt_dir, "digseg.safetensors"))
+        own = dict(model.named_parameters())
+        unknown = sorted(set(tuned) - set(own))
+        if unknown:
+            raise WeightsError(f"{ckpt_dir}/digseg.safetensors: keys that are not DiGSeg parameters: {unknown[:8]}")
+        with torch.no_grad():
+            for n, v in tuned.items():
+                if own[n].shape != v.shape:
+                    raise WeightsError(f"{ckpt_dir}/digseg.safetensors: {n} has shape {tuple(v.shape)}, "
+                                       f"the model expects {tuple(own[n].shape)}")
+                own[n].copy_(v)
+        return model
+
+    # ---- Sec. 3.4: the latent pathway ---------------------------------------------------
+
+    def encode_image(self, x):
+        """x (B, 3, H, W) in [-1, 1] -> z_x (B, 4, h, w): the mean of the VAE posterior, scaled."""
+        return self.vae.encode(x)[0] * self.vae_scale
+
+    def encode_mask(self, y):
+        """y (B, H, W) in {0, 1} -> z_y (B, 4, h, w): the mask as an image, 2y - 1 on 3 channels."""
+        y3 = (2 * y.float() - 1).unsqueeze(1).expand(-1, 3, -1, -1)
+        return self.vae.encode(y3.to(self.vae_dtype))[0] * self.vae_scale
+
+    def decode_mask(self, z):
+        """z (B, 4, h, w) -> M (B, H, W) in [0, 1]: decode, mean over RGB, back from [-1, 1]."""
+        x = self.vae.decode(z / self.vae_scale)
+        return ((x.float().mean(dim=1) + 1) / 2).clamp(0, 1)
+
+    @property
+    def vae_dtype(self):
+        return next(self.vae.parameters()).dtype
+
+    # ---- Sec. 3.5: the text conditioner ---------------------------------------------------
+
+    def text_hidden(self, prompts, cache=False):
+        """Frozen text tower: prompts -> (B, 77, D). Warns when a prompt is cut at 77 tokens."""
+        missing = [p for p in dict.fromkeys(prompts) if not (cache and p in self._text_cache)]
+        if missing:
+            ids = self.tokenizer(missing).to(self.device)
+            for p, n in zip(missing, self.tokenizer.token_counts(missing)):
+                if n > ids.shape[1]:
+                    warnings.warn(f"prompt {p[:60]!r} has {n} tokens; it is truncated to {ids.shape[1]}")
+            with torch.no_grad():
+                hidden = self.text_encoder(ids)
+            if not cache:
+                table = dict(zip(missing, hidden))
+                return torch.stack([table[p] for p in prompts])
+            self._text_cache.update(zip(missing, hidden))
+        return torch.stack([self._text_cache[p] for p in prompts])
+
+    def context(self, prompts, cache=False):
+        """prompts -> ctx (B, 77, 1024) for the U-Net cross-attention: MLP(CLIP(prompt)), Sec. 3.5."""
+        hidden = self.text_hidden(prompts, cache)
+        return hidden if self.mlp is None else self.mlp(hidden)
+
+    @property
+    def device(self):
+        return self.unet.conv_in.weight.device
+
+    # ---- Sec. 3.6: training (Eq. 5, Eq. 6) -----------------------------------------------
+
+    def loss(self, images, masks, prompts, generator=None):
+        """images (B, 3, H, W) in [-1, 1], masks (B, H, W) in {0, 1}, prompts: B strings -> scalar.
+
+        generator: one torch.Generator for the batch, or a list of B (one per sample, so that a
+        sample's t and noise do not depend on the batch it is in; train.py uses this)."""
+        B, T = images.shape[0], len(self.alphas_cumprod)
+        with torch.no_grad():
+            z_x = self.encode_image(images.to(self.vae_dtype))   # (B, 4, h, w)
+            z_y = self.encode_mask(masks)                         # (B, 4, h, w)
+        if isinstance(generator, (list, tuple)):
+            t = torch.cat([torch.randint(0, T, (1,), generator=g) for g in generator]).to(self.device)
+            eps = torch.cat([self.sample_noise((1, *z_y.shape[1:]), t[i:i + 1], g) for i, g in enumerate(generator)])
+        else:
+            t = torch.randint(0, T, (B,), generator=generator).to(self.device)  # t ~ U{0..T-1}
+            eps = self.sample_noise(z_y.shape, t, generator)       # App. A.1
+        z_t = add_noise(z_y.float(), eps, t, self.alphas_cumprod)  # Eq. 5
+        pred = self.unet(torch.cat([z_x, z_t.to(z_x.dtype)], dim=1), t, self.context(prompts))
+        if self.cfg.target == "epsilon":
+            target = eps
+        elif self.cfg.target == "v_prediction":
+            target = velocity(z_y.float(), eps, t, self.alphas_cumprod)
+        else:
+            target = z_y.float()
+        return F.mse_loss(pred.float(), target)                   # Eq. 6
+
+    def forward(self, images, masks, prompts, generator=None):
+        """The training loss, so that DistributedDataParallel (which wraps forward) can be used."""
+        return self.loss(images, masks, prompts, generator)
+
+    def sample_noise(self, shape, t, generator=None):
+        """Noise drawn on the CPU (seeded CPU generators give the same numbers on any device)."""
+        if self.cfg.noise == "gaussian":
+            eps = torch.randn(shape, generator=generator)
+        else:
+            eps = multires_noise(shape, t.cpu(), T=len(self.alphas_cumprod), strength=self.cfg.noise_strength,
+                                 annealed=self.cfg.noise == "multires_annealed", generator=generator)
+        return eps.to(self.device)
+
+    # ---- Sec. 3.7 and App. A.3 "Mask generation": inference --------------------------------
+
+    @torch.no_grad()
+    def segment(self, image, class_names, ensemble=8, steps=1, spacing="trailing", seed=0, batch_size=8):
+        """image: PIL image or (3, H, W) tensor in [-1, 1]; K class names -> probs (K, H, W) in [0, 1].
+
+        For each class c, the E members start from z_T ~ N(0, I) (member e always uses the noise of
+        seed + e, whatever the batching), run S DDIM steps (Eq. 7) conditioned on the prompt of c,
+        and are averaged in latent space before decoding (Eq. 8): M_c = (mean_RGB D(z_0) + 1) / 2.
+        """
+        if len(class_names) == 0:
+            raise ValueError("segment() needs at least one class name")
+        x, (H, W), crop = self.prepare_image(image)                   # (1, 3, H', W') padded
+        z_x = self.encode_image(x.to(self.vae_dtype))                 # (1, 4, h, w)
+        ctx = self.context([self.cfg.prompt_template.format(c) for c in class_names], cache=True)  # (K, 77, C)
+        K, E = len(class_names), ensemble
+        noise = torch.stack([torch.randn(z_x.shape[1:], generator=torch.Generator().manual_seed(seed + e))
+                             for e in range(E)]).to(self.device)     # (E, 4, h, w)
+        jobs = [(k, e) for k in range(K) for e in range(E)]          # the K*E runs, denoised in chunks
+        z0 = torch.empty(K, E, *z_x.shape[1:], device=self.device, dtype=torch.float32)
+        for i in range(0, len(jobs), batch_size):
+            ks, es = zip(*jobs[i:i + batch_size])
+            z = self.denoise(z_x, noise[list(es)], ctx[list(ks)], steps, spacing)
+            z0[list(ks), list(es)] = z.float()
+        z0 = z0.mean(dim=1)                                          # (K, 4, h, w) Eq. 8: ensemble in latent space
+        probs = torch.cat([self.decode_mask(z0[i:i + batch_size].to(self.vae_dtype))
+                           for i in range(0, K, batch_size)])        # (K, H', W')
+        top, left, h, w = crop
+        probs = probs[:, top:top + h, left:left + w]
+        return F.interpolate(probs[None], size=(H, W), mode="bilinear", align_corners=False)[0].clamp(0, 1)
+
+    def denoise(self, z_x, z_T, ctx, steps, spacing):
+        """S steps of deterministic DDIM from z_T (N, 4, h, w) for N (prompt, noise) pairs, Eq. 7.
+
+        t_prev = t - T//S as in diffusers' DDIMScheduler; the last step goes to alpha_bar = 1."""
+        T = len(self.alphas_cumprod)
+        z = z_T.float()
+        cond = z_x.expand(len(z), -1, -1, -1)
+        for t in ddim_timesteps(steps, T, spacing):
+            pred = self.unet(torch.cat([cond, z.to(cond.dtype)], dim=1), t.to(self.device), ctx)
+            z = ddim_step(pred.float(), z, t, previous_timestep(t, steps, T), self.alphas_cumprod,
+                          self.cfg.target)
+        return z
+
+    def prepare_image(self, image):
+        """Any image -> (1, 3, H', W') in [-1, 1]: long side resized to cfg.resolution, then padded
+        (reflect) to a multiple of `self.multiple` px. Returns the original (H, W) and the crop box of
+        the content inside the padded image, so masks go back to the original size.
+
+        Small images (even a few pixels) are upscaled to the working resolution, like any other."""
+        if isinstance(image, Image.Image):
+            image = pil_to_tensor(image)
+        if image.dim() != 3 or image.shape[0] != 3:
+            raise ValueError(f"expected an image tensor (3, H, W) in [-1, 1], got shape {tuple(image.shape)}")
+        H, W = image.shape[1:]
+        scale = self.cfg.resolution / max(H, W)
+        h, w = max(1, round(H * scale)), max(1, round(W * scale))
+        x = F.interpolate(image[None].float(), size=(h, w), mode="bilinear", align_corners=False, antialias=scale < 1)
+        m = self.multiple
+        ph, pw = math.ceil(h / m) * m - h, math.ceil(w / m) * m - w
+        top, left = ph // 2, pw // 2
+        x = F.pad(x, (left, pw - left, top, ph - top), mode="replicate")
+        return x.clamp(-1, 1).to(self.device), (H, W), (top, left, h, w)
+
+    @property
+    def multiple(self):
+        """Pixel sizes must divide by the VAE factor (8 for SD2) times the U-Net's (8): 64."""
+        vae_down = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        unet_down = 2 ** (len(self.unet.config.block_out_channels) - 1)
+        return vae_down * unet_down
+
+    # ---- App. A.3 "Class label generation" ----------------------------------------------
+
+    @torch.no_grad()
+    def propose_classes(self, image, vocabulary, tau_global=0.25, tau_patch=0.3, template="A photo of a {}."):
+        """CLIP image-text similarity picks the candidate classes K of an image (App. A.3)."""
+        if self.clip is None or not hasattr(self.clip, "image"):
+            raise ValueError("propose_classes needs a CLIP model with a vision tower (clip_path)")
+        if isinstance(image, Image.Image):
+            pixels = self.clip.preprocess(image)[None]
+        else:
+            pixels = self.clip.preprocess(tensor_to_pil(image))[None]
+        img, patches = self.clip.image(pixels.to(self.device, next(self.clip.parameters()).dtype))
+        text = self.vocabulary_embeddings(tuple(vocabulary), template)
+        return select_candidates(img[0], patches[0], text, vocabulary, tau_global, tau_patch)
+
+    def vocabulary_embeddings(self, vocabulary, template):
+        key = ("clip-vocab", template, vocabulary)
+        if key not in self._text_cache:
+            ids = self.clip.tokenizer([template.format(c) for c in vocabulary]).to(self.device)
+            self._text_cache[key] = self.clip.text(ids)[1]                 # (V, E) pooled + projected
+        return self._text_cache[key]
+
+
+def select_candidates(image_embed, patch_embeds, text_embeds, vocabulary, tau_global=0.25, tau_patch=0.3):
+    """image_embed (E,), patch_embeds (N, E), text_embeds (V, E) -> (classes, scores).
+
+    Global: keep c when cos(image, text_c) > tau_global (the paper: 0.25).
+    Patch-level refinement: also keep c when its best patch, max_n cos(patch_n, text_c), exceeds
+    tau_patch -- small objects that do not dominate the global embedding. Scores are the larger of
+    the two similarities, and the classes come back sorted by score."""
+    t = F.normalize(text_embeds.float(), dim=-1)
+    g = F.normalize(image_embed.float(), dim=-1) @ t.T                         # (V,)
+    p = (F.normalize(patch_embeds.float(), dim=-1) @ t.T).max(dim=0).values    # (V,)
+    keep = (g > tau_global) | (p > tau_patch)
+    scores = {c: {"global": g[i].item(), "patch": p[i].item()} for i, c in enumerate(vocabulary) if keep[i]}
+    order = sorted(scores, key=lambda c: -max(scores[c].values()))
+    return order, {c: scores[c] for c in order}
+
+
+def aggregate(probs, tau_bg=0.5):
+    """probs (K, H, W) -> labels (H, W): argmax over classes, -1 (background) where max < tau_bg."""
+    best, labels = probs.max(dim=0)
+    return torch.where(best < tau_bg, torch.full_like(labels, -1), labels)
+
+
+def binary_mask(prob, tau=0.7):
+    """One class: M_c > tau (the paper's tau = 0.7)."""
+    return prob > tau
+
+
+# ---- App. A.2: what is trained ---------------------------------------------------------------
+
+def trainable_parameter_names(model, trainable):
+    """`all`: the whole U-Net (with the widened conv_in) and the MLP.
+
+    `paper` (App. A.2): conv_in, the MLP, the cross-attention of the U-Net levels at 1/4 and 1/8
+    resolution, and all mid-block attention. Our reading of the ambiguous "1/4 and 1/8": relative
+    to the *latent* (64x64 for a 512 image), the SD2 U-Net has levels at 1/1, 1/2, 1/4 and 1/8.
+    Cross-attention exists at 1/1, 1/2 and 1/4 (down_blocks.0-2, up_blocks.1-3); the 1/8 level
+    (down_blocks.3, up_blocks.0) has none, only the mid-block, which works at 1/8 too. So we train
+    attn2 (+ its pre-norm, norm2) of every transformer at 1/4 (down_blocks.2, up_blocks.1) and the
+    mid-block's whole transformer (mid_block.attentions.0), which covers the 1/8 level.
+    """
+    names = [n for n, _ in model.named_parameters() if n.startswith("unet.") or n.startswith("mlp.")]
+    if trainable == "all":
+        return names
+    levels = len(model.unet.config.block_out_channels)
+    quarter_down, quarter_up = f"unet.down_blocks.{levels - 2}.", f"unet.up_blocks.{1}."  # 1/4 of the latent
+
+    def chosen(n):
+        if n.startswith(("mlp.", "unet.conv_in.", "unet.mid_block.attentions.")):
+            return True
+        return n.startswith((quarter_down, quarter_up)) and ".attentions." in n and (".attn2." in n or ".norm2." in n)
+
+    return [n for n in names if chosen(n)]
+
+
+def widen_conv_in(unet, in_channels=8):
+    """conv_in 4 -> 8 input channels (Sec. 3.4): the pretrained kernel repeated on the input axis and
+    halved, bias unchanged, so conv_in(cat([z, z])) equals the pretrained conv_in(z)."""
+    old = unet.conv_in
+    if old.in_channels == in_channels:
+        return unet
+    new = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding,
+                    device=old.weight.device, dtype=old.weight.dtype)
+    with torch.no_grad():
+        reps = in_channels // old.in_channels
+        new.weight.copy_(old.weight.repeat(1, reps, 1, 1) / reps)
+        new.bias.copy_(old.bias)
+    unet.conv_in = new
+    unet.config.in_channels = in_channels
+    return unet
+
+
+class TextMLP(nn.Module):
+    """Sec. 3.5: the small trainable projection from CLIP's text width (768 for ViT-L/14) to the
+    U-Net's cross-attention width (1024 for SD2), applied to every one of the 77 tokens."""
+
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, d_out)
+        self.fc2 = nn.Linear(d_out, d_out)
+
+    def forward(self, h):  # (B, 77, d_in) -> (B, 77, d_out)
+        return self.fc2(F.gelu(self.fc1(h)))
+
+
+class TextHidden(nn.Module):
+    """The CLIP text tower as the conditioner sees it: ids -> last hidden state after the final LN."""
+
+    def __init__(self, clip):
+        super().__init__()
+        self.clip = clip
+
+    def forward(self, ids):  # (B, 77) -> (B, 77, D)
+        return self.clip.text(ids)[0]
+
+
+# ---- images in and out ----------------------------------------------------------------------
+
+def pil_to_tensor(img):
+    """Any PIL image -> (3, H, W) float in [-1, 1]. 16-bit and 32-bit modes are scaled by their
+    range (PIL's convert("RGB") would clip them), alpha is dropped, palettes and CMYK converted."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+        a = np.repeat((a / top).clip(0, 1)[..., None], 3, axis=2)
+    else:
+        a = np.asarray(img.convert("RGB"), dtype=np.float64) / 255.0
+    return torch.from_numpy(a).permute(2, 0, 1).float() * 2 - 1
+
+
+def tensor_to_pil(x):
+    """(3, H, W) in [-1, 1] -> RGB PIL image."""
+    a = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    return Image.fromarray(a)
+
+
+def _write_atomic(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,189 @@
+"""digseg.py: the method, on tiny random models saved in the real formats (tests/conftest.py)."""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from digseg import DiGSeg, aggregate, binary_mask, select_candidates, trainable_parameter_names, widen_conv_in
+
+
+def test_widened_conv_in_reproduces_the_pretrained_response(tiny_model):
+    from model.unet import UNet2DCondition
+    unet = UNet2DCondition(tiny_model.unet.config.__class__(**{**vars(tiny_model.unet.config), "in_channels": 4}))
+    z = torch.randn(2, 4, 8, 8)
+    before = unet.conv_in(z)
+    widen_conv_in(unet)
+    assert unet.conv_in.weight.shape[1] == 8 and unet.config.in_channels == 8
+    assert (unet.conv_in(torch.cat([z, z], dim=1)) - before).abs().max() < 1e-6
+
+
+def test_paper_trainable_set_on_the_real_sd2_config():
+    """App. A.2 on the real SD2 U-Net (built on meta: no memory): exactly conv_in, attn2 + norm2
+    of the 1/4-resolution transformers (down_blocks.2, up_blocks.1) and the whole mid-block
+    transformer, plus the MLP."""
+    from model.unet import PRESETS, UNet2DCondition
+
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            with torch.device("meta"):
+                self.unet = UNet2DCondition(PRESETS["sd2-base"])
+                self.mlp = torch.nn.Linear(768, 1024)
+
+    m = Holder()
+    names = trainable_parameter_names(m, "paper")
+    n_params = sum(dict(m.named_parameters())[n].numel() for n in names)
+    groups = sorted({".".join(n.split(".")[:4]) for n in names})
+    assert groups == ["mlp.bias", "mlp.weight", "unet.conv_in.bias", "unet.conv_in.weight",
+                      "unet.down_blocks.2.attentions", "unet.mid_block.attentions.0", "unet.up_blocks.1.attentions"]
+    level = [n for n in names if ".attentions." in n and not n.startswith("unet.mid_block")]
+    assert all(".attn2." in n or ".norm2." in n for n in level)
+    # 2 transformers in down_blocks.2 and 3 in up_blocks.1 (1280 ch): attn2 = q (C,C), k,v (C,1024), out (C,C)+b; norm2 2C
+    C = 1280
+    per_block = C * C + 2 * C * 1024 + C * C + C + 2 * C
+    assert len(level) == 5 * 7 and sum(dict(m.named_parameters())[n].numel() for n in level) == 5 * per_block
+    print(f"paper trainable set on SD2: {n_params:,} parameters")
+    assert len(trainable_parameter_names(m, "all")) == len(list(m.parameters()))
+
+
+def test_loss_backpropagates_only_into_trainable_parameters(tiny_paths):
+    m = DiGSeg.from_weights(*tiny_paths, trainable="paper", resolution=32)
+    img, mask = torch.rand(2, 3, 32, 32) * 2 - 1, (torch.rand(2, 32, 32) > 0.5).float()
+    m.loss(img, mask, ["a photo of a circle.", "a photo of a star."], torch.Generator().manual_seed(0)).backward()
+    for n, p in m.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, n
+        else:
+            assert p.grad is None, n
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable == set(trainable_parameter_names(m, "paper"))
+    assert not any(n.startswith(("vae.", "text_encoder.", "clip.")) for n in trainable)
+
+
+@pytest.mark.parametrize("target", ["epsilon", "v_prediction"])
+def test_overfitting_one_pair_drives_the_loss_down(tiny_paths, target):
+    torch.manual_seed(0)
+    m = DiGSeg.from_weights(*tiny_paths, trainable="all", target=target, noise="gaussian", resolution=32)
+    img = torch.rand(1, 3, 32, 32) * 2 - 1
+    mask = torch.zeros(1, 32, 32)
+    mask[:, 8:24, 4:20] = 1
+    opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=3e-3)
+
+    def fixed_loss():  # the same t and noise every time, so the curve measures fitting only
+        return m.loss(img, mask, ["a photo of a square."], torch.Generator().manual_seed(123))
+
+    first = fixed_loss().item()
+    for _ in range(60):
+        opt.zero_grad()
+        fixed_loss().backward()
+        opt.step()
+    last = fixed_loss().item()
+    assert last < first / 10, (first, last)
+
+
+def test_batched_segmentation_equals_one_at_a_time(tiny_model):
+    img = torch.rand(3, 40, 56) * 2 - 1
+    names = ["circle", "square", "star"]
+    batched = tiny_model.segment(img, names, ensemble=3, steps=2, seed=5, batch_size=4)
+    assert batched.shape == (3, 40, 56) and batched.min() >= 0 and batched.max() <= 1
+    again = tiny_model.segment(img, names, ensemble=3, steps=2, seed=5, batch_size=9)
+    assert (batched - again).abs().max() <= 1e-5
+    # one class and one member at a time: the latent mean over members, decoded, must agree
+    alone = torch.stack([tiny_model.segment(img, [c], ensemble=3, steps=2, seed=5, batch_size=1)[0] for c in names])
+    assert (batched - alone).abs().max() <= 1e-5
+    other_seed = tiny_model.segment(img, names, ensemble=3, steps=2, seed=6)
+    assert (batched - other_seed).abs().max() > 1e-4
+
+
+def test_ensemble_averages_latents_not_pixels(tiny_model):
+    img = torch.rand(3, 32, 32) * 2 - 1
+    z_x = tiny_model.encode_image(tiny_model.prepare_image(img)[0])
+    ctx = tiny_model.context(["a photo of a ring."])
+    noise = torch.stack([torch.randn(z_x.shape[1:], generator=torch.Generator().manual_seed(e)) for e in range(2)])
+    z0 = tiny_model.denoise(z_x, noise, ctx.expand(2, -1, -1), 1, "trailing")
+    expected = tiny_model.decode_mask(z0.mean(0, keepdim=True))[0]
+    got = tiny_model.segment(img, ["ring"], ensemble=2, steps=1, seed=0)[0]
+    assert (got - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("size", [(37, 53), (100, 20), (5, 7)])
+def test_masks_come_back_at_the_image_size(tiny_model, size):
+    H, W = size
+    probs = tiny_model.segment(torch.rand(3, H, W) * 2 - 1, ["circle", "bar"], ensemble=1, steps=1)
+    assert probs.shape == (2, H, W)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "I;16", "P", "CMYK"])
+def test_any_pil_mode_is_converted(tiny_model, mode):
+    rgb = Image.fromarray((np.random.default_rng(0).random((24, 30, 3)) * 255).astype(np.uint8))
+    if mode == "I;16":
+        img = Image.fromarray((np.random.default_rng(0).random((24, 30)) * 65535).astype(np.uint16))
+    else:
+        img = rgb.convert(mode)
+    probs = tiny_model.segment(img, ["star"], ensemble=1, steps=1)
+    assert probs.shape == (1, 24, 30) and torch.isfinite(probs).all()
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped():
+    from digseg import pil_to_tensor
+    a = np.full((4, 4), 32768, np.uint16)
+    x = pil_to_tensor(Image.fromarray(a))
+    assert abs(x.mean().item() - (32768 / 65535 * 2 - 1)) < 1e-6
+
+
+def test_bad_input(tiny_model):
+    with pytest.raises(ValueError, match="at least one class"):
+        tiny_model.segment(torch.zeros(3, 32, 32), [])
+    with pytest.raises(ValueError, match=r"expected an image tensor \(3, H, W\)"):
+        tiny_model.segment(torch.zeros(32, 32), ["circle"])
+    long = "a photo of a " + " ".join(["very"] * 100) + " round circle"
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        tiny_model.context([long])
+    assert any("truncated to 77" in str(x.message) for x in w)
+
+
+def test_options_are_checked(tiny_paths):
+    with pytest.raises(ValueError, match="gaussian, multires, multires_annealed"):
+        DiGSeg.from_weights(*tiny_paths, noise="pink")
+    with pytest.raises(ValueError, match="all, paper"):
+        DiGSeg.from_weights(*tiny_paths, trainable="some")
+
+
+def test_save_and_from_checkpoint_round_trip(tiny_paths, tmp_path):
+    m = DiGSeg.from_weights(*tiny_paths, trainable="paper", resolution=32)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:
+                p.add_(0.01 * torch.randn_like(p))
+    m.save(tmp_path / "ck")
+    m2 = DiGSeg.from_checkpoint(tmp_path / "ck")
+    for (n, a), (_, b) in zip(m.named_parameters(), m2.named_parameters()):
+        assert torch.equal(a, b), n
+    assert m2.cfg == m.cfg
+
+
+def test_aggregate_on_hand_made_maps():
+    probs = torch.tensor([[[0.9, 0.2], [0.4, 0.1]],
+                          [[0.8, 0.7], [0.45, 0.2]]])
+    labels = aggregate(probs, tau_bg=0.5)
+    assert labels.tolist() == [[0, 1], [-1, -1]]
+    assert aggregate(probs, tau_bg=0.3).tolist() == [[0, 1], [1, -1]]
+    assert binary_mask(probs[0]).tolist() == [[True, False], [False, False]]
+
+
+def test_candidate_selection_global_and_patch_paths():
+    text = torch.eye(4)                                  # four orthogonal class embeddings
+    image = torch.tensor([1.0, 0.8, 0.1, 0.0])           # close to class 0 and 1 globally
+    patches = torch.tensor([[0.0, 0.0, 0.0, 1.0],        # one patch is exactly class 3
+                            [1.0, 0.0, 0.0, 0.0]])
+    names = ["a", "b", "c", "d"]
+    classes, scores = select_candidates(image, patches, text, names, tau_global=0.25, tau_patch=0.9)
+    assert set(classes) == {"a", "b", "d"}               # d only through its patch
+    assert scores["d"]["global"] < 0.25 < scores["d"]["patch"]
+    assert "c" not in scores                              # 0.08 global, 0 patch
+    classes, _ = select_candidates(image, patches, text, names, tau_global=0.25, tau_patch=1.1)
+    assert set(classes) == {"a", "b"}
+    assert classes[0] == "a"                               # sorted by score
