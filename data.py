@@ -24,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageOps
 
 NONE = -1
 INVALID = -2            # a raw label value that the dataset never uses (an error if found)
@@ -441,7 +441,112 @@ def collate(items):
 
 def build(name, root, split, *, evaluation=False, classes=None, fraction=1.0, seed=0, **train_options):
     """The training view of one split (train_options: size, template, p_absent, scale) or, with
-    evaluation=True, the evaluation view. `classes`: a class-list file of your own."""
+    evaluation=True, the evaluation view. `classes`: a class-list file of your own.
+    name "toy": the procedural toy world (root is not used)."""
+    if name == "toy":
+        options = {k: v for k, v in train_options.items() if k in ("size", "template", "p_absent")}
+        return ToyShapes(split, fraction=fraction, seed=seed, evaluation=evaluation, **options)
     if evaluation:
         return EvalSet(name, root, split, classes=classes, fraction=fraction, seed=seed)
     return TrainSet(name, root, split, classes=classes, fraction=fraction, seed=seed, **train_options)
+
+
+# ---- The toy world (DESIGN.md section 4) ------------------------------------------------------
+
+TOY_CLASSES = ("circle", "square", "triangle", "star", "ring", "bar")
+
+
+def toy_scene(seed, index, size=64):
+    """One procedural scene: (RGB uint8 (size, size, 3), labels int64 (size, size)).
+
+    1-3 shapes of distinct classes with random colours, sizes, positions and rotations, painted in
+    order so that later shapes occlude earlier ones, on a two-colour gradient with a faint striped
+    texture. labels int64: the class index (0..5) of the visible shape, NONE (-1) elsewhere.
+    Deterministic: the same (seed, index, size) always gives the same scene."""
+    rng = np.random.default_rng([seed, index])
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    a = rng.uniform(0, 2 * np.pi)
+    ramp = np.cos(a) * xx + np.sin(a) * yy
+    ramp = (ramp - ramp.min()) / (np.ptp(ramp) + 1e-9)
+    img = c0 * (1 - ramp[..., None]) + c1 * ramp[..., None]
+    img += 10 * np.sin(2 * np.pi * rng.uniform(3, 10) * (xx + rng.uniform(-1, 1) * yy) + rng.uniform(0, 6.3))[..., None]
+    labels = np.full((size, size), NONE, np.int64)
+    for c in rng.choice(len(TOY_CLASSES), size=rng.integers(1, 4), replace=False):
+        r = rng.uniform(0.13, 0.25) * size
+        cx, cy = rng.uniform(0.6 * r, size - 0.6 * r, 2)
+        inside = _shape_mask(TOY_CLASSES[c], cx, cy, r, rng.uniform(0, 2 * np.pi), size)
+        colour = rng.uniform(0, 255, 3)
+        while np.abs(colour - img[inside].mean(0)).sum() < 150:  # keep shapes visible on their background
+            colour = rng.uniform(0, 255, 3)
+        img[inside] = colour
+        labels[inside] = c
+    return img.clip(0, 255).astype(np.uint8), labels
+
+
+def _shape_mask(kind, cx, cy, r, angle, size):
+    """Boolean (size, size) mask of one shape centred at (cx, cy) with radius ~r, rotated by angle."""
+    def rotated(points):
+        p = np.asarray(points, float)
+        ca, sa = np.cos(angle), np.sin(angle)
+        return [(cx + x * ca - y * sa, cy + x * sa + y * ca) for x, y in p]
+
+    m = Image.new("L", (size, size), 0)
+    d = ImageDraw.Draw(m)
+    if kind == "circle":
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=1)
+    elif kind == "ring":
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=1)
+        d.ellipse([cx - 0.55 * r, cy - 0.55 * r, cx + 0.55 * r, cy + 0.55 * r], fill=0)
+    elif kind == "square":
+        d.polygon(rotated([(-0.85 * r, -0.85 * r), (0.85 * r, -0.85 * r), (0.85 * r, 0.85 * r), (-0.85 * r, 0.85 * r)]), fill=1)
+    elif kind == "triangle":
+        d.polygon(rotated([(r * np.cos(k * 2 * np.pi / 3), r * np.sin(k * 2 * np.pi / 3)) for k in range(3)]), fill=1)
+    elif kind == "star":
+        d.polygon(rotated([((r if k % 2 == 0 else 0.45 * r) * np.cos(k * np.pi / 5),
+                            (r if k % 2 == 0 else 0.45 * r) * np.sin(k * np.pi / 5)) for k in range(10)]), fill=1)
+    elif kind == "bar":
+        d.polygon(rotated([(-1.2 * r, -0.3 * r), (1.2 * r, -0.3 * r), (1.2 * r, 0.3 * r), (-1.2 * r, 0.3 * r)]), fill=1)
+    return np.asarray(m, bool)
+
+
+class ToyShapes(torch.utils.data.Dataset):
+    """The toy world as a dataset, in both views (TrainSet's items, or EvalSet's with evaluation=True).
+
+    Scenes are generated on the fly from (seed, index): the train split uses scene seeds
+    1000 + seed, the val split 2000 + seed, so the two never share a scene. Training items follow
+    TrainSet: one class drawn uniformly among those present (seeded by (seed, epoch, index)), its
+    mask and prompt, and a random horizontal flip. Pixels of no shape are NONE in the label map:
+    a valid, scored pixel of no class (predicting a class there is a false positive)."""
+
+    def __init__(self, split, size=64, n=None, template="a photo of a {}.", p_absent=0.0, fraction=1.0,
+                 seed=0, evaluation=False):
+        if split not in ("train", "val"):
+            raise DataError(f"toy: unknown split {split!r}; valid: train, val")
+        self.scene_seed = (1000 if split == "train" else 2000) + seed
+        self.indices = fixed_subset(n or (20000 if split == "train" else 500), fraction, seed)
+        self.size, self.template, self.p_absent, self.seed = size, template, p_absent, seed
+        self.evaluation, self.epoch = evaluation, 0
+        self.class_names, self.synonyms = list(TOY_CLASSES), list(TOY_CLASSES)
+        self.ignore_index = 255
+
+    def __len__(self):
+        return len(self.indices)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __getitem__(self, index):
+        image, labels = toy_scene(self.scene_seed, self.indices[index], self.size)
+        x = torch.from_numpy(image).permute(2, 0, 1).float() / 127.5 - 1     # (S, S, 3) -> (3, S, S)
+        if self.evaluation:
+            return x, torch.from_numpy(labels), f"toy-{self.scene_seed}-{self.indices[index]}"
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        present = sorted(int(c) for c in np.unique(labels) if c >= 0)
+        absent = sorted(set(range(len(TOY_CLASSES))) - set(present))
+        pool = absent if absent and rng.random() < self.p_absent else present
+        c = pool[rng.integers(len(pool))]
+        mask = torch.from_numpy((labels == c).astype(np.float32))
+        if rng.random() < 0.5:
+            x, mask = x.flip(-1), mask.flip(-1)
+        return dict(image=x, mask=mask, prompt=self.template.format(TOY_CLASSES[c]), class_index=c)

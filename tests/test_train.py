@@ -1,0 +1,107 @@
+"""train.py on CPU with tiny models: DDP (torchrun, gloo) = one process, resume = uninterrupted,
+accumulation = a bigger batch, the NaN guard."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def args(tiny_paths, out, **kw):
+    base = dict(sd2=tiny_paths[0], clip=tiny_paths[1], dataset="toy", size=32, resolution=32, batch_size=2,
+                grad_accum=1, max_steps=3, lr=1e-3, dtype="fp32", num_workers=0, log_every=1, save_every=100,
+                out_dir=str(out), seed=3)
+    base.update(kw)
+    return [f"--{k}={v}" for k, v in base.items()]
+
+
+def weights(out):
+    return load_file(os.path.join(out, "checkpoint", "digseg.safetensors"))
+
+
+def assert_close(a, b, tol):
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= tol, worst
+    return worst
+
+
+# Adam turns a float-rounding difference in a near-zero gradient into an update of up to lr, so
+# the comparisons below use lr = 1e-4 and 2 steps: a real mismatch (other samples, other noise,
+# gradients not averaged) moves the weights by ~lr everywhere, far beyond the 1e-5 tolerance.
+SAME = dict(lr=1e-4, max_steps=2)
+
+
+def test_torchrun_two_processes_equal_one_process(tiny_paths, tmp_path):
+    one = tmp_path / "one"
+    train.train(train.parse_args(args(tiny_paths, one, batch_size=2, **SAME)))
+    two = tmp_path / "two"
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+                        os.path.join(ROOT, "train.py"), *args(tiny_paths, two, batch_size=1, **SAME)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert "total batch 2 = 1 per process x 2 processes x 1 accumulation steps" in r.stdout
+    worst = assert_close(weights(one), weights(two), 1e-5)
+    print(f"DDP x2 vs one process: max abs weight difference {worst:.2e}")
+    base = load_file(os.path.join(tiny_paths[0], "unet", "diffusion_pytorch_model.safetensors"))
+    assert (weights(one)["unet.conv_out.weight"] - base["conv_out.weight"]).abs().max() > 1e-4   # it did train
+
+
+def test_accumulation_equals_a_bigger_batch(tiny_paths, tmp_path):
+    train.train(train.parse_args(args(tiny_paths, tmp_path / "big", batch_size=2, **SAME)))
+    train.train(train.parse_args(args(tiny_paths, tmp_path / "acc", batch_size=1, grad_accum=2, **SAME)))
+    assert_close(weights(tmp_path / "big"), weights(tmp_path / "acc"), 1e-5)
+
+
+def test_resume_is_bit_identical(tiny_paths, tmp_path):
+    train.train(train.parse_args(args(tiny_paths, tmp_path / "full", max_steps=4)))
+    train.train(train.parse_args(args(tiny_paths, tmp_path / "cut", max_steps=4, stop_after=2)))
+    state = torch.load(tmp_path / "cut" / "checkpoint" / "train_state.pt", weights_only=True)
+    assert state["step"] == 2
+    train.train(train.parse_args([f"--resume={tmp_path / 'cut'}"]))
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "cut")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert os.path.isfile(tmp_path / "cut" / "loss.png")
+
+
+def test_nan_guard_skips_and_stops(tiny_paths, tmp_path, monkeypatch, capsys):
+    from digseg import DiGSeg
+    real = DiGSeg.loss
+    calls = {"n": 0}
+
+    def sometimes_nan(self, *a, **k):
+        calls["n"] += 1
+        out = real(self, *a, **k)
+        return out * float("nan") if calls["n"] == 2 else out
+
+    monkeypatch.setattr(DiGSeg, "loss", sometimes_nan)
+    train.train(train.parse_args(args(tiny_paths, tmp_path / "nan", max_steps=3)))
+    log = capsys.readouterr().out
+    assert "non-finite loss" in log and "step skipped (1 in a row, 1 in all)" in log
+    assert torch.load(tmp_path / "nan" / "checkpoint" / "train_state.pt", weights_only=True)["bad_total"] == 1
+
+    monkeypatch.setattr(DiGSeg, "loss", lambda self, *a, **k: real(self, *a, **k) * float("inf"))
+    with pytest.raises(SystemExit, match="3 non-finite losses in a row"):
+        train.train(train.parse_args(args(tiny_paths, tmp_path / "inf", max_bad_steps=3)))
+
+
+def test_settings_flags():
+    s = train.parse_args(["--preset=ade20k", "--batch_size=4", "--compile=1", "--lr=2e-4"])
+    assert (s.dataset, s.batch_size, s.compile, s.lr, s.size) == ("ade150", 4, True, 2e-4, 512)
+    with pytest.raises(SystemExit, match="unknown setting --bogus"):
+        train.parse_args(["--bogus=1"])
+    with pytest.raises(SystemExit, match="unknown preset"):
+        train.parse_args(["--preset=imagenet"])
+
+
+def test_dry_run_reports_counts_and_memory(tiny_paths, tmp_path, capsys):
+    train.train(train.parse_args(args(tiny_paths, tmp_path / "dry", dry_run=1)))
+    out = capsys.readouterr().out
+    assert "dry run: loss" in out and "peak process memory" in out and "trainable" in out
