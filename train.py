@@ -328,6 +328,7 @@ def train(s):
                   xlabel="step", logy=True)
         print(f"done at step {step}; checkpoint in {s.out_dir}/checkpoint, loss curve in {s.out_dir}/loss.png")
     if ddp:
+        dist.barrier()                  # every rank done (rank 0 writes last) before tearing down
         dist.destroy_process_group()
     return raw
 

@@ -1,0 +1,109 @@
+"""sample.py and eval.py end to end on a tiny random DiGSeg (saved and reloaded as a checkpoint)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import eval as evaluation
+import sample
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_model, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ckpt")
+    tiny_model.save(folder)
+    return str(folder)
+
+
+def test_sample_writes_pngs_at_the_original_size_and_survives_a_bad_image(checkpoint, tmp_path):
+    rng = np.random.default_rng(0)
+    rgb = (rng.random((30, 41, 3)) * 255).astype(np.uint8)
+    images = {"rgb.jpg": Image.fromarray(rgb), "rgba.png": Image.fromarray(rgb).convert("RGBA").resize((50, 20)),
+              "grey.png": Image.fromarray(rgb).convert("L").resize((17, 33)),
+              "palette.png": Image.fromarray(rgb).convert("P"),
+              "deep.png": Image.fromarray((rng.random((25, 25)) * 65535).astype(np.uint16)),
+              "cmyk.jpg": Image.fromarray(rgb).convert("CMYK")}
+    for name, im in images.items():
+        im.save(tmp_path / name)
+    (tmp_path / "broken.png").write_bytes(b"not a png at all")
+    out = tmp_path / "out"
+    code = sample.main([str(tmp_path / "*.*"), f"--checkpoint={checkpoint}", "--classes=circle,star",
+                        f"--out={out}", "--ensemble=2", "--steps=1", "--tau_bg=0.0"])
+    assert code == 1                                           # the broken image is reported ...
+    for name, im in images.items():                            # ... and every other one is written
+        stem = out / os.path.splitext(name)[0]
+        labels = Image.open(f"{stem}_labels.png")
+        assert labels.size == im.size and labels.mode == "P"
+        assert Image.open(f"{stem}_prob_circle.png").size == im.size
+        overlay = Image.open(f"{stem}_overlay.png")
+        assert overlay.size[1] >= im.size[1] and overlay.size[0] > im.size[0]   # + the legend
+        found = json.load(open(f"{stem}.json"))
+        assert [c["class"] for c in found["classes"]] == ["circle", "star"]
+        assert abs(sum(c["area"] for c in found["classes"]) - 1.0) < 1e-6       # tau_bg = 0: every pixel labelled
+    assert not (out / "broken_labels.png").exists()
+
+
+def test_sample_missing_checkpoint_says_what_it_expected(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    with pytest.raises(Exception, match="expected digseg.json and digseg.safetensors"):
+        sample.main([str(tmp_path / "a.png"), f"--checkpoint={tmp_path / 'nope'}", "--classes=a"])
+
+
+def make_cityscapes(root, n=3):
+    """A tiny Cityscapes in its real layout: leftImg8bit/val/CITY/*_leftImg8bit.png + gtFine labelTrainIds."""
+    rng = np.random.default_rng(1)
+    for i in range(n):
+        city = "aachen" if i < 2 else "bremen"
+        for sub in (f"leftImg8bit/val/{city}", f"gtFine/val/{city}"):
+            os.makedirs(os.path.join(root, sub), exist_ok=True)
+        stem = f"{city}_000000_{i:06d}"
+        Image.fromarray((rng.random((24, 40, 3)) * 255).astype(np.uint8)).save(
+            os.path.join(root, f"leftImg8bit/val/{city}/{stem}_leftImg8bit.png"))
+        lab = rng.integers(0, 19, (24, 40)).astype(np.uint8)
+        lab[:4] = 255
+        Image.fromarray(lab).save(os.path.join(root, f"gtFine/val/{city}/{stem}_gtFine_labelTrainIds.png"))
+
+
+def test_eval_single_process_equals_torchrun_two(checkpoint, tmp_path):
+    root = tmp_path / "cityscapes"
+    make_cityscapes(str(root))
+    common = [f"--checkpoint={checkpoint}", "--dataset=cityscapes19", f"--data_root={root}", "--ensemble=1",
+              "--steps=1", "--tau_bg=0.3", "--batch_size=19"]
+    one = evaluation.main(common + [f"--out={tmp_path / 'one'}"])
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29544",
+                        os.path.join(ROOT, "eval.py"), *common, f"--out={tmp_path / 'two'}"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    two = json.load(open(tmp_path / "two" / "metrics_main.json"))
+    assert two["miou_gt"] == pytest.approx(one["miou_gt"], abs=1e-12)
+    assert two["pixel_acc"] == pytest.approx(one["pixel_acc"], abs=1e-12)
+    assert 0 <= one["miou_gt"] <= 1 and os.path.isfile(tmp_path / "one" / "per_class_main.csv")
+
+
+def test_eval_resumes_from_partial_results(checkpoint, tmp_path, capsys):
+    root = tmp_path / "cityscapes"
+    make_cityscapes(str(root))
+    common = [f"--checkpoint={checkpoint}", "--dataset=cityscapes19", f"--data_root={root}", "--batch_size=19",
+              f"--out={tmp_path / 'out'}", "--save_every=1"]
+    full = evaluation.main(common)
+    first = evaluation.main(common + ["--limit=3"])          # same settings: everything is already done
+    assert "resuming after 3 images" in capsys.readouterr().out
+    assert first["miou_gt"] == full["miou_gt"]
+
+
+def test_vae_on_masks_study(tiny_paths):
+    """Table 7 in small: the decoded masks are compared with the masks (an untrained VAE is far off)."""
+    import data
+    from model.weights import load_sd2
+    sd = load_sd2(tiny_paths[0])
+    ds = data.build("toy", "", "val", evaluation=True)
+    r = evaluation.vae_on_masks(sd.vae, sd.vae_scale, ds, n=10)
+    assert r["masks"] == 10 and 0 < r["mae"] < 1 and 0 <= r["label_accuracy"] <= 1
