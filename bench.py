@@ -1,0 +1,240 @@
+"""Speed and memory side by side with the reference implementations (diffusers, transformers),
+same threads, same configs, random weights.
+
+    python bench.py                  # every section
+    python bench.py --only sd2       # comma-separated sections
+"""
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def median_seconds(fns, runs=3):
+    """Median wall time of `runs` calls of each function, the calls interleaved so that load from
+    other processes hits both sides alike."""
+    times = [[] for _ in fns]
+    for _ in range(runs):
+        for fn, t in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            t.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
+def print_table(title, rows):
+    print(f"\n{title}\n{'what':<32} {'dtype':<5} {'ours s':>8} {'ref s':>8} {'ours/ref':>8} {'max |diff|':>10}")
+    for what, dtype, ours, ref, diff in rows:
+        print(f"{what:<32} {dtype:<5} {ours:8.3f} {ref:8.3f} {ours / ref:8.2f} {diff:10.2e}")
+
+
+def compare(what, ours_fn, ref_fn, dtype, rows):
+    with torch.inference_mode():
+        ours_out, ref_out = ours_fn(), ref_fn()  # also the warm-up
+        diff = (ours_out.float() - ref_out.float()).abs().max().item()
+        rows.append((what, dtype, *median_seconds([ours_fn, ref_fn]), diff))
+
+
+# Peak resident memory of loading the U-Net alone, each in a fresh process; printed as
+# "baseline_bytes peak_bytes" (after the imports, and at the end). VmHWM rather than ru_maxrss,
+# which a child inherits from its parent. safetensors maps the file, so the weights are read
+# only when touched: touch every one (a sum) before measuring.
+PEAK_RSS = """
+def peak_rss():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+"""
+LOAD_OURS = PEAK_RSS + """
+import sys
+import torch
+from model.unet import UNetConfig, UNet2DCondition
+from model.weights import load_into, read_state_dict
+base = peak_rss()
+folder = sys.argv[1]
+with torch.device("meta"):
+    unet = UNet2DCondition(UNetConfig.from_json(folder + "/config.json"))
+load_into(unet, read_state_dict(folder + "/diffusion_pytorch_model.safetensors"), folder)
+sum(float(p.detach().sum()) for p in unet.parameters())
+print(base, peak_rss())
+"""
+LOAD_DIFFUSERS = PEAK_RSS + """
+import sys
+from diffusers import UNet2DConditionModel
+base = peak_rss()
+unet = UNet2DConditionModel.from_pretrained(sys.argv[1])
+sum(float(p.detach().sum()) for p in unet.parameters())
+print(base, peak_rss())
+"""
+
+
+def peak_load_rss(script, folder):
+    out = subprocess.run([sys.executable, "-c", script, folder], check=True, capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.abspath(__file__))).stdout.split()
+    base, peak = int(out[-2]), int(out[-1])
+    return peak - base
+
+
+def bench_sd2():
+    """SD2 U-Net (latent 64x64, batch 2, 77 text tokens) and VAE (512x512 encode and decode, batch 1)."""
+    from diffusers import AutoencoderKL as DiffusersVAE
+    from diffusers import UNet2DConditionModel
+    from diffusers.utils import logging as diffusers_logging
+
+    from model.unet import UNet2DCondition, UNetConfig
+    from model.vae import AutoencoderKL, VAEConfig
+
+    diffusers_logging.set_verbosity_error()  # its advice on casting with .to() does not apply here
+    torch.manual_seed(0)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        ref = UNet2DConditionModel.from_config(UNetConfig().to_dict()).eval()
+        ref.save_pretrained(os.path.join(tmp, "unet"))
+        with torch.device("meta"):
+            ours = UNet2DCondition(UNetConfig()).eval()
+        sample, t, context = torch.randn(2, 4, 64, 64), torch.tensor([10, 900]), torch.randn(2, 77, 1024)
+        for name, dtype in DTYPES.items():
+            ref.to(dtype)
+            ours.load_state_dict(ref.state_dict(), assign=True)  # share the weights: one copy in memory
+            x, c = sample.to(dtype), context.to(dtype)
+            compare("U-Net 64x64 latent, batch 2", lambda: ours(x, t, c), lambda: ref(x, t, c).sample, name, rows)
+        del ref, ours
+        weight_bytes = os.path.getsize(os.path.join(tmp, "unet", "diffusion_pytorch_model.safetensors"))
+        rss_ours = peak_load_rss(LOAD_OURS, os.path.join(tmp, "unet"))
+        rss_ref = peak_load_rss(LOAD_DIFFUSERS, os.path.join(tmp, "unet"))
+
+    ref = DiffusersVAE.from_config(VAEConfig().to_dict()).eval()
+    with torch.device("meta"):
+        ours = AutoencoderKL(VAEConfig()).eval()
+    image, latent = torch.rand(1, 3, 512, 512) * 2 - 1, torch.randn(1, 4, 64, 64)
+    for name, dtype in DTYPES.items():
+        ref.to(dtype)
+        ours.load_state_dict(ref.state_dict(), assign=True)
+        x, z = image.to(dtype), latent.to(dtype)
+        compare("VAE encode 512x512 (mean)", lambda: ours.encode(x)[0], lambda: ref.encode(x).latent_dist.mean,
+                name, rows)
+        compare("VAE decode 64x64 -> 512x512", lambda: ours.decode(z), lambda: ref.decode(z).sample, name, rows)
+    del ref, ours
+
+    print_table(f"SD2 vs diffusers ({torch.get_num_threads()} threads; median of 3)", rows)
+    print(f"U-Net load + touch every weight, peak RSS above baseline (fp32 safetensors, "
+          f"weights {weight_bytes / 2**30:.2f} GiB): "
+          f"ours {rss_ours / 2**30:.2f} GiB ({rss_ours / weight_bytes:.2f}x), "
+          f"diffusers {rss_ref / 2**30:.2f} GiB ({rss_ref / weight_bytes:.2f}x)")
+
+
+def bench_clip():
+    """CLIP text tower on 16 prompts x 77 tokens and vision tower on 8 images at 224^2, ViT-L/14."""
+    import transformers
+
+    from model.clip import CLIP, PRESETS
+    from tests.clip_oracle import hf_config
+
+    torch.manual_seed(0)
+    rows = []
+    ref = transformers.CLIPModel(hf_config(PRESETS["clip-vit-l14"])).eval()
+    with torch.device("meta"):
+        ours = CLIP(PRESETS["clip-vit-l14"]).eval()
+    ids = torch.randint(0, 49406, (16, 77))
+    ids[:, -1] = 49407
+    pixels = torch.randn(8, 3, 224, 224)
+    for name, dtype in DTYPES.items():
+        ref.to(dtype)
+        ours.load_state_dict({k: v for k, v in ref.state_dict().items() if not k.endswith("position_ids")}, assign=True)
+        px = pixels.to(dtype)
+        compare("CLIP-L text, 16 x 77 tokens", lambda: ours.text(ids)[0], lambda: ref.text_model(input_ids=ids).last_hidden_state,
+                name, rows)
+        compare("CLIP-L vision, 8 x 224^2", lambda: ours.image(px)[0],
+                lambda: ref.visual_projection(ref.vision_model(pixel_values=px).pooler_output), name, rows)
+    print_table(f"CLIP vs transformers ({torch.get_num_threads()} threads; median of 3)", rows)
+
+
+class FixedText(torch.nn.Module):
+    """A stand-in for the frozen CLIP text tower in the method benchmarks, which time the U-Net and VAE."""
+
+    def forward(self, ids):
+        return torch.randn(len(ids), 77, 768, generator=torch.Generator().manual_seed(0))
+
+
+class FixedTokenizer:
+    def __call__(self, texts):
+        return torch.zeros(len(texts), 77, dtype=torch.long)
+
+    def token_counts(self, texts):
+        return [3] * len(texts)
+
+
+def bench_digseg():
+    """segment() at the real SD2 config (random weights, 512^2, 1 trailing step): K = 8 classes x
+    E = 4 members denoised in batches vs one (class, member) at a time."""
+    from digseg import DiGSeg, DiGSegConfig, TextMLP, widen_conv_in
+    from model.unet import PRESETS as UNETS, UNet2DCondition
+    from model.vae import PRESETS as VAES, AutoencoderKL
+
+    torch.manual_seed(0)
+    unet, vae = UNet2DCondition(UNETS["sd2-base"]), AutoencoderKL(VAES["sd2-base"])
+    widen_conv_in(unet)
+
+    cfg = DiGSegConfig(sd2="", resolution=512)
+    model = DiGSeg(cfg, unet, vae, 0.18215, FixedText(), FixedTokenizer(), TextMLP(768, 1024)).eval()
+    image, names = torch.rand(3, 512, 512) * 2 - 1, [f"class {i}" for i in range(8)]
+    with torch.inference_mode():
+        batched, single = median_seconds([lambda: model.segment(image, names, ensemble=4, steps=1, batch_size=8),
+                                          lambda: model.segment(image, names, ensemble=4, steps=1, batch_size=1)], runs=1)
+    print(f"\nsegment(), SD2 config, 512^2, K=8 x E=4, 1 step: batched (8) {batched:.1f} s, one at a time {single:.1f} s: "
+          f"{single / batched:.2f}x faster batched ({batched / 32:.2f} s per (class, member) vs {single / 32:.2f} s)")
+
+
+def bench_train():
+    """One training step at the real config (random weights, 512^2, batch 1, CPU): trainable all vs paper."""
+    from digseg import DiGSeg, DiGSegConfig, TextMLP, trainable_parameter_names, widen_conv_in
+    from model.unet import PRESETS as UNETS, UNet2DCondition
+    from model.vae import PRESETS as VAES, AutoencoderKL
+
+    torch.manual_seed(0)
+    image, mask = torch.rand(1, 3, 512, 512) * 2 - 1, (torch.rand(1, 512, 512) > 0.5).float()
+    times = {}
+    for trainable in ("all", "paper"):
+        unet, vae = UNet2DCondition(UNETS["sd2-base"]), AutoencoderKL(VAES["sd2-base"])
+        widen_conv_in(unet)
+        model = DiGSeg(DiGSegConfig(sd2="", trainable=trainable), unet, vae, 0.18215, FixedText(), FixedTokenizer(), TextMLP(768, 1024))
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4)
+
+        def step():
+            opt.zero_grad()
+            model.loss(image, mask, ["a photo of a cat."], torch.Generator().manual_seed(0)).backward()
+            opt.step()
+
+        step()                              # warm-up (and AdamW's state allocation)
+        times[trainable] = (median_seconds([step], runs=2)[0], sum(p.numel() for p in params))
+        del model, unet, vae, opt
+    for k, (t, n) in times.items():
+        print(f"training step, SD2 config, 512^2, batch 1, trainable={k:5s} ({n:,} parameters): {t:.1f} s")
+    print(f"paper / all step time: {times['paper'][0] / times['all'][0]:.2f}")
+
+
+SECTIONS = {"sd2": bench_sd2, "clip": bench_clip, "digseg": bench_digseg, "train": bench_train}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated, of: {', '.join(SECTIONS)}")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    native = torch.backends.cpu.get_cpu_capability()
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    print(f"CPU capability {native}; native bf16 matmul: {'yes (avx512_bf16/amx)' if ('avx512_bf16' in flags or 'amx_bf16' in flags) else 'NO - bf16 rows are emulated and slow, compare fp32 only'}")
+    for name in args.only.split(","):
+        SECTIONS[name]()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""The toy world: the whole of DiGSeg trained and evaluated on a CPU in minutes.
+
+    python toy.py                  # pretrain a tiny VAE and CLIP, fine-tune DiGSeg, segment, evaluate
+
+Stable Diffusion's VAE and CLIP were pretrained on web images before anyone segmented with
+them. Here the same model classes, in tiny configurations, are pretrained on a procedural
+world of coloured shapes (data.toy_scene) and saved in the formats the real loaders read
+(a diffusers SD2 folder, an HF CLIP folder with a BPE vocabulary trained by `tokenizers`).
+Then DiGSeg is fine-tuned on top with train.py's `toy` preset -- the same digseg.py and
+train.py as on A100s -- and evaluated with eval.py on the toy validation split.
+
+Stages are skipped when their output already exists (delete out/toy to start over).
+"""
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import data
+import eval as evaluation
+import train
+from model.clip import CLIP, MEAN, STD, CLIPConfig, CLIPTextConfig, CLIPVisionConfig, train_bpe
+from model.unet import UNet2DCondition, UNetConfig
+from model.vae import AutoencoderKL, VAEConfig
+from model.weights import save_clip_folder, save_sd2_folder
+from plot import image_grid, line_plot
+
+# ---- the tiny models: same classes as SD2 and CLIP, small configurations -----------------------
+
+TOY_VAE = VAEConfig(in_channels=3, out_channels=3, block_out_channels=(16, 32, 32), layers_per_block=1,
+                    latent_channels=4, norm_num_groups=8, scaling_factor=1.0)          # 64 px -> 16 x 16 latent
+TOY_UNET = UNetConfig(in_channels=4, out_channels=4, block_out_channels=(64, 128), layers_per_block=1,
+                      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                      heads=(2, 4), cross_attention_dim=128, norm_num_groups=16)
+TOY_CLIP_TEXT = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                     max_position_embeddings=77, hidden_act="quick_gelu")
+TOY_CLIP_VISION = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                       image_size=64, patch_size=8, hidden_act="quick_gelu")
+TEMPLATES = ("a photo of a {}.", "a {}.", "a picture of a {}.", "a {} shape.", "the {}.")
+
+
+def log(msg):
+    print(f"[toy {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def scenes(seed, n, size=64):
+    """n toy scenes as tensors: images (n, 3, S, S) in [-1, 1], labels (n, S, S) (255 = none)."""
+    imgs, labs = zip(*(data.toy_scene(seed, i, size) for i in range(n)))
+    x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return x, torch.from_numpy(np.stack(labs)).long()
+
+
+# ---- stage 1: the VAE, an autoencoder of toy images and of toy masks ---------------------------
+
+def pretrain_vae(out, steps, batch=32, seed=0):
+    """Reconstruct images and masks (2y - 1 on 3 channels, what DiGSeg will feed it), with a small
+    KL term as in SD's VAE. The latent scale is set afterwards to 1 / std of image latents (as SD's
+    0.18215 was chosen), so the diffusion sees unit-variance latents."""
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(TOY_VAE)
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    x_all, y_all = scenes(seed + 101, 2048)
+    curve = []
+    for step in range(steps):
+        idx = torch.randint(0, len(x_all), (batch,))
+        n_masks = batch // 4                            # masks are easy to reconstruct; images get 3/4
+        cls = torch.randint(0, len(data.TOY_CLASSES), (n_masks,))
+        masks = (y_all[idx[:n_masks]] == cls[:, None, None]).float()
+        x = torch.cat([x_all[idx[n_masks:]], (2 * masks - 1)[:, None].expand(-1, 3, -1, -1)])
+        mean, logvar = vae.encode(x)
+        z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
+        rec = vae.decode(z)
+        kl = 0.5 * (mean**2 + logvar.exp() - 1 - logvar).mean()
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-4 * kl
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        for g in opt.param_groups:
+            g["lr"] = 2e-3 * 0.5 * (1 + np.cos(np.pi * (step + 1) / steps))
+        curve.append(loss.item())
+        if step % 100 == 0 or step == steps - 1:
+            log(f"vae step {step}/{steps} loss {loss.item():.4f}")
+    with torch.no_grad():
+        z = vae.encode(x_all[:256])[0]
+        vae.config.scaling_factor = float(1 / z.std())
+    log(f"vae latent scale 1/std = {vae.config.scaling_factor:.4f}")
+    return vae.eval(), curve
+
+
+# ---- stage 2: CLIP, image-text pretraining on toy scenes ----------------------------------------
+
+def pretrain_clip(out, steps, batch=64, seed=0):
+    """A tiny CLIP trained on (scene, class prompt) pairs. A scene holds up to 3 classes, so instead
+    of a softmax over the batch we use a sigmoid loss (SigLIP, Zhai et al. 2023) on every
+    (image, class prompt) pair: positive when the class is in the image. The BPE vocabulary is
+    trained first with the `tokenizers` library on the prompt templates."""
+    torch.manual_seed(seed)
+    texts = [t.format(c) for t in TEMPLATES for c in data.TOY_CLASSES] + ["background", "shape", "photo"]
+    vocab_dir = os.path.join(out, "bpe")
+    tokenizer = train_bpe(texts * 4, vocab_size=300, out_dir=vocab_dir)
+    cfg = CLIPConfig(text_config=CLIPTextConfig(vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eot, **TOY_CLIP_TEXT),
+                     vision_config=CLIPVisionConfig(**TOY_CLIP_VISION), projection_dim=64)
+    clip = CLIP(cfg)
+    clip.tokenizer = tokenizer
+    bias = torch.nn.Parameter(torch.tensor(-5.0))
+    opt = torch.optim.AdamW(list(clip.parameters()) + [bias], lr=1e-3, weight_decay=0.05)
+    x_all, y_all = scenes(seed + 202, 2048)
+    present = torch.stack([(y_all == c).flatten(1).any(1) for c in range(len(data.TOY_CLASSES))], 1).float()
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    for step in range(steps):
+        idx = torch.randint(0, len(x_all), (batch,))
+        pixels = ((x_all[idx] + 1) / 2 - mean) / std
+        if torch.rand(()) < 0.5:
+            pixels = pixels.flip(-1)
+        template = TEMPLATES[step % len(TEMPLATES)]
+        ids = tokenizer([template.format(c) for c in data.TOY_CLASSES])
+        img = F.normalize(clip.image(pixels)[0], dim=-1)             # (B, E)
+        txt = F.normalize(clip.text(ids)[1], dim=-1)                 # (6, E)
+        logits = clip.logit_scale.exp() * img @ txt.T + bias         # (B, 6)
+        loss = F.binary_cross_entropy_with_logits(logits, present[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            clip.logit_scale.clamp_(0, np.log(100))
+        if step % 100 == 0 or step == steps - 1:
+            acc = ((logits > 0).float() == present[idx]).float().mean()
+            log(f"clip step {step}/{steps} loss {loss.item():.4f} presence accuracy {acc:.3f}")
+    threshold = float(-bias.detach() / clip.logit_scale.detach().exp())              # cos where the sigmoid crosses 0.5
+    log(f"clip: a class is present when cos > {threshold:.3f}")
+    return clip.eval(), vocab_dir, threshold
+
+
+QUICK = dict(vae_steps=40, clip_steps=40, train_steps=40)     # the tests and notebooks under test
+
+
+def build_world(out="out/toy", vae_steps=500, clip_steps=400, train_steps=1500):
+    """Stages 1-3, each skipped when its output exists. Returns the DiGSeg checkpoint folder."""
+    sd2_dir, clip_dir = os.path.join(out, "sd2"), os.path.join(out, "clip")
+    if not os.path.isfile(os.path.join(sd2_dir, "vae", "config.json")):
+        log("stage 1/4: pretraining the toy VAE on images and masks")
+        vae, curve = pretrain_vae(out, vae_steps)
+        unet = UNet2DCondition(TOY_UNET)          # the U-Net starts from scratch: there is no toy text-to-image stage
+        save_sd2_folder(sd2_dir, unet, vae, prediction="epsilon")
+        line_plot(os.path.join(out, "vae_loss.png"), {"vae": (range(len(curve)), curve)}, title="toy VAE", logy=True)
+    if not os.path.isfile(os.path.join(clip_dir, "config.json")):
+        log("stage 2/4: pretraining the toy CLIP (sigmoid image-text loss)")
+        clip, vocab_dir, threshold = pretrain_clip(out, clip_steps)
+        save_clip_folder(clip_dir, clip, vocab_dir)
+        with open(os.path.join(clip_dir, "toy_threshold.txt"), "w") as f:   # for class proposals (App. A.3)
+            f.write(f"{threshold}\n")
+    ckpt = os.path.join(out, "digseg", "checkpoint")
+    if not os.path.isdir(ckpt):
+        log("stage 3/4: fine-tuning DiGSeg with train.py --preset=toy")
+        train.train(train.parse_args(["--preset=toy", f"--max_steps={train_steps}", f"--sd2={sd2_dir}",
+                                      f"--clip={clip_dir}", f"--out_dir={os.path.join(out, 'digseg')}"]))
+    return ckpt
+
+
+def ensure():
+    """For the notebooks: the toy world of DIGSEG_TOY_OUT (default out/toy), built if missing; with
+    DIGSEG_TOY_QUICK=1 (the test suite) in a few seconds with few steps."""
+    out = os.environ.get("DIGSEG_TOY_OUT", "out/toy")
+    return build_world(out, **(QUICK if os.environ.get("DIGSEG_TOY_QUICK") == "1" else {}))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="out/toy")
+    p.add_argument("--vae_steps", type=int, default=500)
+    p.add_argument("--clip_steps", type=int, default=400)
+    p.add_argument("--train_steps", type=int, default=1500)
+    p.add_argument("--val_images", type=int, default=100)
+    args = p.parse_args(argv)
+    t_start = time.time()
+    ckpt = build_world(args.out, args.vae_steps, args.clip_steps, args.train_steps)
+    log("stage 4/4: segmenting and evaluating the validation split (E = 1, S = 1, trailing)")
+    scores = evaluation.main([f"--checkpoint={ckpt}", "--dataset=toy", f"--limit={args.val_images}",
+                              "--ensemble=1", "--steps=1", "--spacing=trailing", f"--out={args.out}/eval",
+                              "--overlays=8"])
+    log(f"toy val mIoU {scores['miou_gt']:.4f} (E=1, S=1 trailing, {args.val_images} images) in "
+        f"{(time.time() - t_start) / 60:.1f} min; overlays in {args.out}/eval/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
