@@ -161,11 +161,12 @@ def evaluate(model, ds, args, rank=0, world=1, tag="main"):
         done.append(i)
         if (j + 1) % args.save_every == 0 or j + 1 == len(todo):
             atomic_save({"cm": cm, "counts": counts, "done": done, "key": key}, partial)
-        if rank == 0:
-            rate = (j + 1) / (time.time() - t0)
+        if rank == 0 and (sys.stdout.isatty() or (j + 1) % max(1, len(todo) // 10) == 0 or j + 1 == len(todo)):
+            rate = (j + 1) / (time.time() - t0)      # a live line on a terminal, every 10 % in a log file
             print(f"\r[{tag}] {j + 1}/{len(todo)} images | {rate:.2f} img/s | "
-                  f"ETA {(len(todo) - j - 1) / max(rate, 1e-9) / 60:.1f} min", end="", flush=True)
-    if rank == 0 and todo:
+                  f"ETA {(len(todo) - j - 1) / max(rate, 1e-9) / 60:.1f} min", end="" if sys.stdout.isatty() else "\n",
+                  flush=True)
+    if rank == 0 and todo and sys.stdout.isatty():
         print()
     return cm, counts, len(todo) / max(time.time() - t0, 1e-9)
 

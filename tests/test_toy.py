@@ -1,0 +1,47 @@
+"""The toy world's dataset (data.py): deterministic scenes whose labels match what is drawn."""
+import numpy as np
+import torch
+
+import data
+
+
+def test_scenes_are_deterministic_and_labelled():
+    a, la = data.toy_scene(0, 5)
+    b, lb = data.toy_scene(0, 5)
+    c, _ = data.toy_scene(1, 5)
+    assert np.array_equal(a, b) and np.array_equal(la, lb) and not np.array_equal(a, c)
+    assert a.shape == (64, 64, 3) and la.dtype == np.int64
+    assert set(np.unique(la)) <= {-1, 0, 1, 2, 3, 4, 5} and (la >= 0).any() and (la == -1).any()
+    # a shape's pixels share one colour, different from the background under it
+    for cls in np.unique(la[la >= 0]):
+        colours = np.unique(a[la == cls].reshape(-1, 3), axis=0)
+        assert len(colours) == 1
+
+
+def test_train_items_follow_the_prompt():
+    ds = data.build("toy", "", "train", size=64, seed=0)
+    for i in range(20):
+        it = ds[i]
+        c = it["class_index"]
+        assert it["prompt"] == f"a photo of a {data.TOY_CLASSES[c]}."
+        assert it["mask"].sum() > 0 and set(it["mask"].unique().tolist()) <= {0.0, 1.0}
+    ds.set_epoch(1)
+    assert any(ds[i]["class_index"] != data.build("toy", "", "train", size=64)[i]["class_index"] for i in range(20)) \
+        or any(not torch.equal(ds[i]["image"], data.build("toy", "", "train", size=64)[i]["image"]) for i in range(20))
+
+
+def test_absent_classes_give_empty_masks():
+    ds = data.build("toy", "", "train", size=64, p_absent=1.0)
+    it = ds[0]
+    _, labels = data.toy_scene(1000, 0)
+    assert it["class_index"] not in np.unique(labels) and it["mask"].sum() == 0
+
+
+def test_splits_do_not_share_scenes_and_eval_view_matches():
+    train = data.build("toy", "", "train", evaluation=True)
+    val = data.build("toy", "", "val", evaluation=True)
+    assert not torch.equal(train[0][0], val[0][0])
+    x, labels, name = val[0]
+    img, lab = data.toy_scene(2000, 0)
+    assert torch.equal(labels, torch.from_numpy(lab)) and x.shape == (3, 64, 64) and name == "toy-2000-0"
+    assert val.class_names == list(data.TOY_CLASSES) and len(val) == 500
