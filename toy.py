@@ -146,7 +146,7 @@ def build_world(out="out/toy", vae_steps=500, clip_steps=400, train_steps=1500):
         log("stage 1/4: pretraining the toy VAE on images and masks")
         vae, curve = pretrain_vae(out, vae_steps)
         unet = UNet2DCondition(TOY_UNET)          # the U-Net starts from scratch: there is no toy text-to-image stage
-        save_sd2_folder(sd2_dir, unet, vae, prediction="epsilon")
+        save_sd2_folder(sd2_dir, unet, vae, prediction="v_prediction")
         line_plot(os.path.join(out, "vae_loss.png"), {"vae": (range(len(curve)), curve)}, title="toy VAE", logy=True)
     if not os.path.isfile(os.path.join(clip_dir, "config.json")):
         log("stage 2/4: pretraining the toy CLIP (sigmoid image-text loss)")
