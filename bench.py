@@ -18,11 +18,12 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def median_seconds(fns, runs=3):
-    """Median wall time of `runs` calls of each function, the calls interleaved so that load from
-    other processes hits both sides alike."""
+    """Median wall time of `runs` calls of each function, the calls interleaved (in alternating
+    order) so that load from other processes and cache effects hit both sides alike."""
     times = [[] for _ in fns]
-    for _ in range(runs):
-        for fn, t in zip(fns, times):
+    for i in range(runs):
+        pairs = list(zip(fns, times))
+        for fn, t in pairs if i % 2 == 0 else pairs[::-1]:
             start = time.perf_counter()
             fn()
             t.append(time.perf_counter() - start)

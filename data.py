@@ -204,18 +204,18 @@ DATASETS = {
         splits={"train": "train", "val": "val"}, classes="cityscapes19", label_table=same_ids),
     # DeepGlobe 2018 road extraction: only the release's train/ has masks (valid/ and test/ are the
     # unlabelled challenge sets), so hold out part of train/ as val/ yourself.
-    "deepglobe_roads": Spec(
+    "deepglobe": Spec(
         layout="{train,val}/<id>_sat.jpg next to <id>_mask.png (road white: >= 128 as grey levels); the "
                "release has masks only in train/: move a held-out part of it to val/",
         images="{split}", image_suffix=("_sat.jpg",), masks="{split}", mask_suffix="_mask.png",
-        splits={"train": "train", "val": "val"}, classes="deepglobe_roads", label_table=deepglobe_ids,
+        splits={"train": "train", "val": "val"}, classes="deepglobe", label_table=deepglobe_ids,
         mask_mode="L", metric="binary"),
     # REFUGE-2 as widely mirrored (e.g. kaggle victorlemosml/refuge2): split folders with images/ and mask/.
-    "refuge2": Spec(
+    "refuge": Spec(
         layout="{train,val,test}/images/*.jpg and {train,val,test}/mask/*.bmp "
                "(255 background, 128 optic disc rim, 0 optic cup)",
         images="{split}/images", image_suffix=(".jpg",), masks="{split}/mask", mask_suffix=".bmp",
-        splits={"train": "train", "val": "val", "test": "test"}, classes="refuge2", label_table=refuge_ids,
+        splits={"train": "train", "val": "val", "test": "test"}, classes="refuge", label_table=refuge_ids,
         mask_mode="L", nested={0: (1,)}, metric="binary"),
     # PhenoBench (phenobench.org), unzipped as is.
     "phenobench": Spec(
@@ -440,9 +440,11 @@ def collate(items):
 
 
 def build(name, root, split, *, evaluation=False, classes=None, fraction=1.0, seed=0, **train_options):
-    """The training view of one split (train_options: size, template, p_absent, scale) or, with
-    evaluation=True, the evaluation view. `classes`: a class-list file of your own.
-    name "toy": the procedural toy world (root is not used)."""
+    """The training view of one split or, with evaluation=True, the evaluation view (which takes no
+    train_options). name: a key of DATASETS or "toy" (the procedural toy world; root is not used).
+    train_options, as TrainSet takes them: size=512, template="a photo of a {}.", p_absent=0.0,
+    scale=(0.8, 1.2) (the toy world: size=64, template, p_absent). `classes`: a class-list file of
+    your own in place of the shipped one."""
     if name == "toy":
         options = {k: v for k, v in train_options.items() if k in ("size", "template", "p_absent")}
         return ToyShapes(split, fraction=fraction, seed=seed, evaluation=evaluation, **options)

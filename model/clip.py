@@ -67,8 +67,13 @@ class CLIPConfig:
         if not isinstance(d, dict):
             with open(d) as f:
                 d = json.load(f)
-        text = d.get("text_config", d if "vision_config" not in d else {})
-        vision = d.get("vision_config")
+        if d.get("model_type", "clip") not in ("clip", "clip_text_model"):
+            raise ValueError(f"model_type {d['model_type']!r}: not a CLIPModel or CLIPTextModel config "
+                             f"(a vision-only CLIP has no text tower)")
+        # files from transformers 4.1x may also hold text_config_dict / vision_config_dict, which win
+        part = lambda name: {**(d.get(name) or {}), **(d.get(name + "_dict") or {})}
+        text = part("text_config") if "text_config" in d or "vision_config" in d else d
+        vision = part("vision_config")
         pick = lambda klass, src: klass(**{k: v for k, v in src.items() if k in {f.name for f in fields(klass)}})
         eos = text.get("eos_token_id", 49407)
         text_cfg = pick(CLIPTextConfig, {**text, "eos_token_id": 49407 if eos == 2 else eos})  # 2: legacy HF default
@@ -304,7 +309,9 @@ class Tokenizer:
     tokenizer(list_of_str) -> LongTensor (B, 77): <|startoftext|> ids <|endoftext|> pad...; a text
     longer than 77 tokens is cut and its last id forced to <|endoftext|> (as clip.tokenize(truncate=True)).
     Padding: HF CLIP folders pad with <|endoftext|> (49407); SD2's tokenizer and OpenAI's
-    clip.tokenize pad with id 0, which is "!"."""
+    clip.tokenize pad with id 0, which is "!". The pad token only fills: a "!" in the text stays
+    "!</w>" (256) as in open_clip, the tokenizer SD2 was trained with, whereas transformers'
+    CLIPTokenizer with pad_token="!" makes "!" special and turns every "!" of the text into id 0."""
 
     def __init__(self, vocab, merges, pad_token=EOT, context=CONTEXT):
         bpe = models.BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="</w>",

@@ -142,6 +142,7 @@ class GEGLU(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, dim):
         super().__init__()
+        # the no-op dropout keeps diffusers' indices: ff.net.0.proj, ff.net.2
         self.net = nn.Sequential(GEGLU(dim, 4 * dim), nn.Dropout(0.0), nn.Linear(4 * dim, dim))
 
     def forward(self, x):

@@ -8,8 +8,11 @@ Shared rules for every loader in this file:
   one copy of the weights in memory;
 - check keys strictly and say which keys are missing, unexpected, or of the wrong shape.
 """
+import collections
+import io
 import json
 import os
+import pickle
 import shutil
 import zipfile
 from dataclasses import dataclass
@@ -144,11 +147,13 @@ def _read_diffusers_sd2(folder):
     configs, weights = {}, {}
     for name in ("unet", "vae"):
         config = os.path.join(folder, name, "config.json")
-        files = [os.path.join(folder, name, f"diffusion_pytorch_model.{ext}") for ext in ("safetensors", "bin")]
+        # the hub also ships half-precision copies (*.fp16.*), which a download may hold alone
+        files = [os.path.join(folder, name, f"diffusion_pytorch_model.{ext}")
+                 for ext in ("safetensors", "bin", "fp16.safetensors", "fp16.bin")]
         files = [f for f in files if os.path.isfile(f)]
         if not os.path.isfile(config) or not files:
             raise WeightsError(f"{folder}: not a diffusers SD2 folder: expected {name}/config.json and "
-                               f"{name}/diffusion_pytorch_model.safetensors (or .bin)")
+                               f"{name}/diffusion_pytorch_model.safetensors (or .bin, .fp16.safetensors, .fp16.bin)")
         try:
             configs[name] = (UNetConfig if name == "unet" else VAEConfig).from_json(config)
         except ValueError as e:
@@ -184,9 +189,12 @@ def _guess_prediction(path):
 
 def _refuse_other_models(sd, path):
     """Say what a checkpoint is when it is a Stable Diffusion but not a 2.x one."""
-    if any(k.startswith("conditioner.") for k in sd) or "model.diffusion_model.label_emb.0.0.weight" in sd:
-        raise WeightsError(f"{path}: this is an SDXL checkpoint (it has conditioner.* / label_emb keys); "
+    if any(k.startswith("conditioner.") for k in sd):
+        raise WeightsError(f"{path}: this is an SDXL checkpoint (it has conditioner.* keys); "
                            f"DiGSeg needs Stable Diffusion 2.x")
+    if "model.diffusion_model.label_emb.0.0.weight" in sd:
+        raise WeightsError(f"{path}: this U-Net has a label_emb (an extra embedding of image size or CLIP image "
+                           f"features: SDXL or SD 2.x unCLIP); DiGSeg needs the Stable Diffusion 2.x text-to-image model")
     if not any(k.startswith("model.diffusion_model.") for k in sd):
         raise WeightsError(f"{path}: no model.diffusion_model.* keys, so not an original Stable Diffusion "
                            f"checkpoint (for a diffusers model pass its folder, which holds unet/ and vae/)")
@@ -198,6 +206,10 @@ def _refuse_other_models(sd, path):
     if 2048 in widths:
         raise WeightsError(f"{path}: this is an SDXL checkpoint (cross-attention width 2048); DiGSeg needs "
                            f"Stable Diffusion 2.x")
+    conv_in = sd.get("model.diffusion_model.input_blocks.0.0.weight")
+    if conv_in is not None and conv_in.shape[1] != 4:
+        raise WeightsError(f"{path}: this U-Net takes {conv_in.shape[1]} input channels (SD 2.x inpainting: 9, "
+                           f"depth: 5); DiGSeg starts from the text-to-image model (4) and widens conv_in itself")
 
 
 # Original LDM names (Stability-AI/stablediffusion ldm/modules) -> diffusers names, as
@@ -329,7 +341,7 @@ def load_clip(path, dtype=torch.float32, device="cpu", vocab=None):
         if not os.path.isfile(cfg_file):
             raise WeightsError(f"{path}: not an HF CLIP folder: expected config.json and model.safetensors "
                                f"(or pytorch_model.bin)")
-        cfg = CLIPConfig.from_json(cfg_file)
+        cfg = _clip_config(cfg_file)
         if cfg.vision_config is None:
             raise WeightsError(f"{path}: a text-only CLIP (CLIPTextModel, e.g. SD2's text_encoder/); load_clip "
                                f"needs text and vision towers (use load_sd2(..., text_encoder=True) for SD2's)")
@@ -343,8 +355,11 @@ def load_clip(path, dtype=torch.float32, device="cpu", vocab=None):
             raise WeightsError(f"{path}: a Stable Diffusion checkpoint, not CLIP; use load_sd2")
         if "visual.conv1.weight" not in sd or "token_embedding.weight" not in sd:
             raise WeightsError(f"{path}: not an OpenAI CLIP checkpoint (no visual.conv1.weight / token_embedding.weight)")
-        cfg = openai_clip_config(sd)
-        sd = convert_openai_clip(sd)
+        cfg = openai_clip_config(sd, path)
+        try:
+            sd = convert_openai_clip(sd)
+        except WeightsError as e:
+            raise WeightsError(f"{path}: {e}") from e
         if vocab is None:
             raise WeightsError(f"{path}: OpenAI CLIP files carry no vocabulary; pass vocab=PATH of "
                                f"bpe_simple_vocab_16e6.txt.gz (shipped in the open_clip_torch and clip-anytorch wheels)")
@@ -356,6 +371,13 @@ def load_clip(path, dtype=torch.float32, device="cpu", vocab=None):
     load_into(model, sd, f"{path} (CLIP)", dtype, device)
     model.tokenizer = tokenizer
     return model
+
+
+def _clip_config(path):
+    try:
+        return CLIPConfig.from_json(path)
+    except (ValueError, TypeError) as e:
+        raise WeightsError(f"{path}: {e}") from e
 
 
 def _first_file(folder, names, expected):
@@ -386,23 +408,91 @@ def _hf_tokenizer(folder, vocab=None):
 
 
 def read_openai_checkpoint(path):
-    """OpenAI's .pt files are TorchScript archives. torch.load(weights_only=True) refuses them, so we
-    read them with torch.jit.load and keep only the state dict. This is safe in the sense that
-    matters: TorchScript deserialisation rebuilds tensors and compiled TorchScript IR with its own
-    restricted unpickler -- it never imports or calls arbitrary Python objects as a pickle can --
-    and we run none of the archive's methods. Plain state-dict files go through weights_only=True."""
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as z:
-            if any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist()):
-                try:
-                    return {k: v for k, v in torch.jit.load(path, map_location="cpu").state_dict().items()}
-                except Exception as e:
-                    raise WeightsError(f"{path}: a TorchScript archive that cannot be read: {e}") from e
-    return read_state_dict(path)
+    """The tensors of an OpenAI .pt file, by their dotted attribute names, without running TorchScript.
+
+    OpenAI's ViT-*.pt files are TorchScript archives (a zip: <name>/data.pkl, <name>/data/N,
+    <name>/code/..., constants.pkl). torch.load(weights_only=True) refuses them, and torch.jit.load
+    would compile the archive's code. We read data.pkl alone with an unpickler that resolves only:
+    the TorchScript module classes (`__torch__.*`), to an inert record of their attributes; the
+    storage type names, to dtypes; the tensor rebuild function, to our own as_strided view of the
+    raw bytes in data/N; and OrderedDict. Any other name in the pickle is refused, so nothing from
+    the file is imported or called. It gives exactly torch.jit.load(f).state_dict() on traced and
+    scripted archives written by torch 2.13 (tests/test_clip.py); the released files (torch 1.7 era)
+    share the zip layout but were not available here to check. Plain state-dict files go through
+    weights_only=True."""
+    if not zipfile.is_zipfile(path):
+        return read_state_dict(path)
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+        roots = [n[: -len("data.pkl")] for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
+        if len(roots) != 1 or not any(n.startswith(roots[0] + "code/") for n in names):
+            return read_state_dict(path)    # a torch.save zip, not TorchScript
+        if roots[0] + "byteorder" in names and z.read(roots[0] + "byteorder").strip() != b"little":
+            raise WeightsError(f"{path}: a big-endian TorchScript archive is not supported")
+        try:
+            root = _TorchScriptUnpickler(z, roots[0], path).load()
+        except (pickle.UnpicklingError, zipfile.BadZipFile, KeyError, ValueError, TypeError, EOFError) as e:
+            raise WeightsError(f"{path}: a TorchScript archive whose data.pkl cannot be read: {e}") from e
+    return dict(_script_tensors(root))
 
 
-def openai_clip_config(sd):
+STORAGE_DTYPES = {"HalfStorage": torch.float16, "FloatStorage": torch.float32, "DoubleStorage": torch.float64,
+                  "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+                  "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+                  "BoolStorage": torch.bool}
+
+
+class _ScriptObject:
+    """Stands in for a TorchScript module of data.pkl: keeps the attributes it is built with."""
+
+    def __setstate__(self, state):
+        self.attributes = state
+
+
+def _rebuild_tensor(storage, offset, size, stride, *unused):   # torch._utils._rebuild_tensor_v2's arguments
+    return storage.as_strided(size, stride, offset)
+
+
+class _TorchScriptUnpickler(pickle.Unpickler):
+    def __init__(self, z, root, path):
+        super().__init__(io.BytesIO(z.read(root + "data.pkl")))
+        self.z, self.root, self.path, self.storages = z, root, path, {}
+
+    def find_class(self, module, name):
+        if module.startswith("__torch__."):
+            return _ScriptObject
+        if module == "torch" and name in STORAGE_DTYPES:
+            return STORAGE_DTYPES[name]
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _rebuild_tensor
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        raise WeightsError(f"{self.path}: data.pkl refers to {module}.{name}, which a file of weights does not "
+                           f"need; refusing to load it")
+
+    def persistent_load(self, pid):
+        """('storage', dtype, key, location, numel) -> the raw bytes of data/<key> as a flat tensor."""
+        _, dtype, key, _, _ = pid
+        if key not in self.storages:
+            raw = bytearray(self.z.read(f"{self.root}data/{key}"))
+            self.storages[key] = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+        return self.storages[key]
+
+
+def _script_tensors(obj, prefix=""):
+    for name, value in obj.attributes.items():
+        if isinstance(value, torch.Tensor):
+            yield prefix + name, value
+        elif isinstance(value, _ScriptObject):
+            yield from _script_tensors(value, f"{prefix}{name}.")
+
+
+def openai_clip_config(sd, where="OpenAI CLIP"):
     """The architecture of an OpenAI checkpoint, read off its tensor shapes (as openai/CLIP does)."""
+    needed = ["ln_final.weight", "token_embedding.weight", "positional_embedding", "text_projection",
+              "visual.conv1.weight", "visual.positional_embedding"]
+    if any(k not in sd for k in needed):
+        raise WeightsError(f"{where}: not a full OpenAI CLIP checkpoint: missing {_listing([k for k in needed if k not in sd])}")
     width = sd["ln_final.weight"].shape[0]
     vwidth, patch = sd["visual.conv1.weight"].shape[0], sd["visual.conv1.weight"].shape[-1]
     grid = int(round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5))
@@ -448,16 +538,29 @@ def _convert_blocks(sd, src, dst):
                 out[f"{base}self_attn.{name}.{kind}"] = part
         else:
             module, kind = rest.rsplit(".", 1)
+            if module not in CLIP_BLOCK:
+                raise WeightsError(f"unexpected key {k}: not a CLIP transformer block tensor")
             out[base + CLIP_BLOCK[module] + "." + kind] = v
     return out
 
 
+# Integer tensors the JIT files carry besides the weights (openai/CLIP build_model deletes them too).
+OPENAI_METADATA = ("input_resolution", "context_length", "vocab_size")
+
+
 def convert_openai_clip(sd):
-    """OpenAI CLIP names -> ours (HF). Projections are stored [in, out] (x @ P) -> Linear [out, in]."""
+    """OpenAI CLIP names -> ours (HF). Projections are stored [in, out] (x @ P) -> Linear [out, in].
+    Keys the tables do not name are an error (missing ones are reported by load_into, in HF names)."""
+    ends = {**CLIP_TEXT_ENDS, **CLIP_VISION_ENDS}
+    blocks = ("transformer.resblocks.", "visual.transformer.resblocks.")
+    unknown = [k for k in sd if not k.startswith(blocks) and k not in ends and k not in CLIP_PROJECTIONS
+               and k not in OPENAI_METADATA]
+    if unknown:
+        raise WeightsError(f"{len(unknown)} unexpected keys for an OpenAI CLIP checkpoint: {_listing(sorted(unknown))}")
     out = _convert_blocks(sd, "transformer.resblocks.", "text_model")
     out.update(_convert_blocks(sd, "visual.transformer.resblocks.", "vision_model"))
-    out.update({new: sd[old] for old, new in {**CLIP_TEXT_ENDS, **CLIP_VISION_ENDS}.items()})
-    out.update({new: sd[old].t().contiguous() for old, new in CLIP_PROJECTIONS.items()})
+    out.update({new: sd[old] for old, new in ends.items() if old in sd})
+    out.update({new: sd[old].t().contiguous() for old, new in CLIP_PROJECTIONS.items() if old in sd})
     return out
 
 
@@ -481,7 +584,7 @@ def load_sd2_text_encoder(path, dtype=torch.float32, device="cpu", vocab=None, s
         cfg_file = os.path.join(folder, "config.json")
         if not os.path.isfile(cfg_file):
             raise WeightsError(f"{path}: expected text_encoder/config.json and text_encoder/model.safetensors")
-        cfg = CLIPConfig.from_json(cfg_file)
+        cfg = _clip_config(cfg_file)
         sd = read_state_dict(_first_file(folder, ("model.safetensors", "pytorch_model.bin"),
                                          "model.safetensors or pytorch_model.bin"))
         sd = {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in sd.items()

@@ -1,5 +1,9 @@
-"""Helpers for the CLIP tests: random HF models saved by transformers, and an OpenAI-format writer."""
+"""Helpers for the CLIP tests: random HF models saved by transformers, an OpenAI-format writer, and
+openai/CLIP's own model.py (as shipped in the clip-anytorch wheel) as the independent reader of it."""
 import dataclasses
+import importlib.util
+import os
+import warnings
 
 import torch
 import torch.nn as nn
@@ -61,3 +65,30 @@ def save_torchscript(sd, path):
             m = getattr(m, p)
         m.register_parameter(leaf, nn.Parameter(t.clone(), requires_grad=False))
     torch.jit.save(torch.jit.script(root), path)
+
+
+def openai_clip_model():
+    """openai/CLIP's clip/model.py from the clip-anytorch wheel, loaded as a file: the package's
+    __init__ needs torchvision, model.py only torch and numpy. None when the wheel is missing."""
+    spec = importlib.util.find_spec("clip")
+    path = os.path.join(os.path.dirname(spec.origin), "model.py") if spec and spec.origin else ""
+    if not os.path.isfile(path):
+        return None
+    spec = importlib.util.spec_from_file_location("openai_clip_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def save_openai_jit(model, ids, pixels, path):
+    """A TorchScript archive made the way OpenAI's ViT-*.pt files were: openai/CLIP's model, traced,
+    with input_resolution/context_length/vocab_size as buffers, weights in fp16."""
+    for name, value in (("input_resolution", model.visual.input_resolution), ("context_length", ids.shape[1]),
+                        ("vocab_size", model.vocab_size)):
+        model.__dict__.pop(name, None)          # plain ints in model.py; tensors in the released files
+        model.register_buffer(name, torch.tensor(value))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)   # shape checks inside nn.MultiheadAttention
+        traced = torch.jit.trace_module(model, {"forward": (pixels, ids), "encode_text": ids,
+                                                "encode_image": pixels}, check_trace=False)
+    torch.jit.save(traced.half(), path)

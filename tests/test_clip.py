@@ -2,17 +2,20 @@
 Tolerance: max abs difference <= 1e-4 in fp32."""
 import glob
 import os
+import pickle
+import zipfile
 
 import pytest
 import torch
 from PIL import Image
 
 from model.clip import PRESETS, CLIPConfig, preprocess
-from model.weights import WeightsError, load_clip, load_sd2_text_encoder
-from tests.clip_oracle import hf_config, openai_state_dict, save_torchscript
+from model.weights import WeightsError, load_clip, load_sd2_text_encoder, read_openai_checkpoint
+from tests.clip_oracle import hf_config, openai_clip_model, openai_state_dict, save_openai_jit, save_torchscript
 
 VOCAB = (glob.glob(os.path.join(os.path.dirname(torch.__file__), "..", "open_clip", "bpe_simple_vocab_16e6.txt.gz"))
          or [None])[0]
+OPENAI = openai_clip_model()
 
 
 def randomise(model, seed):
@@ -33,14 +36,12 @@ def hf_pair(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
     ref.save_pretrained(folder)
     if VOCAB:
-        from model.clip import Tokenizer
-        tok = Tokenizer.from_openai(VOCAB)
-        write_hf_vocab(tok, VOCAB, folder)
+        write_hf_vocab(VOCAB, folder)
     yield request.param, ref, folder
     del ref
 
 
-def write_hf_vocab(tok, bpe_gz, folder):
+def write_hf_vocab(bpe_gz, folder):
     import gzip
     import json
     from model.clip import SOT, EOT, bytes_to_unicode
@@ -89,23 +90,66 @@ def test_hf_folder_parity(hf_pair):
     assert max(diffs.values()) <= 1e-4, diffs
 
 
-def test_openai_format_loads_equal(hf_pair, tmp_path):
+def test_openai_formats_load_equal(hf_pair, tmp_path):
+    """OpenAI names, written by tests/clip_oracle.py and checked by openai/CLIP's own model.py (its
+    build_model loads them strictly; its encode_text/encode_image must match transformers), then read
+    by load_clip from a plain state-dict file and from a traced fp16 TorchScript archive."""
     name, ref, folder = hf_pair
     if name != "clip-vit-b16":
         pytest.skip("one OpenAI round is enough (ViT-B/16 keeps the test fast)")
+    if VOCAB is None or OPENAI is None:
+        pytest.skip("open_clip_torch (the vocabulary) or clip-anytorch (openai/CLIP's model.py) is not installed")
     sd = openai_state_dict(ref.state_dict())
-    sd.update({"input_resolution": torch.tensor(224), "context_length": torch.tensor(77), "vocab_size": torch.tensor(49408)})
-    save_torchscript(sd, tmp_path / "ViT-B-16.pt")
+    ids, pixels = ids_and_pixels(49408, 224, seed=3)
+    openai = OPENAI.build_model(dict(sd)).float().eval()   # built from shapes, in fp16 as OpenAI ships it
+    openai.load_state_dict(sd)                              # strict; back to the full-precision weights
+    with torch.no_grad():
+        writer = max((openai.encode_text(ids) - ref.text_projection(ref.text_model(input_ids=ids).pooler_output)).abs().max(),
+                     (openai.encode_image(pixels) - ref.visual_projection(ref.vision_model(pixel_values=pixels).pooler_output)).abs().max()).item()
+    torch.save(sd, tmp_path / "plain.pt")
+    diffs = compare(load_clip(tmp_path / "plain.pt", vocab=VOCAB), ref, ids, pixels)
+    print(f"OpenAI writer vs openai/CLIP: {writer:.2e}; plain state dict vs HF: {diffs}")
+    assert writer <= 1e-4 and max(diffs.values()) <= 1e-4, (writer, diffs)
+
+    openai.half().float()                                   # the released files hold fp16 weights
+    with torch.no_grad():
+        expected = openai.encode_text(ids), openai.encode_image(pixels)
+    save_openai_jit(openai, ids, pixels, tmp_path / "ViT-B-16.pt")
+    jit = torch.jit.load(tmp_path / "ViT-B-16.pt").state_dict()
+    read = read_openai_checkpoint(tmp_path / "ViT-B-16.pt")
+    assert sorted(read) == sorted(jit) and {"input_resolution", "context_length", "vocab_size"} <= set(read)
+    assert all(read[k].dtype == jit[k].dtype and torch.equal(read[k], jit[k]) for k in jit)
     with pytest.raises(WeightsError, match="carry no vocabulary"):
         load_clip(tmp_path / "ViT-B-16.pt")
-    if VOCAB is None:
-        pytest.skip("open_clip_torch (the vocabulary) is not installed")
     ours = load_clip(tmp_path / "ViT-B-16.pt", vocab=VOCAB)
     assert ours.config.vision_config.patch_size == 16 and ours.config.text_config.num_hidden_layers == 12
-    ids, pixels = ids_and_pixels(49408, 224, seed=3)
-    diffs = compare(ours, ref, ids, pixels)
-    assert max(diffs.values()) <= 1e-4, diffs
+    with torch.no_grad():
+        jit_diff = max((ours.text(ids)[1] - expected[0]).abs().max(), (ours.image(pixels)[0] - expected[1]).abs().max()).item()
+    print(f"OpenAI TorchScript archive (fp16) vs openai/CLIP: {jit_diff:.2e}")
+    assert jit_diff <= 1e-4
     assert ours.tokenizer(["a cat"])[0, 4].item() == 0      # OpenAI's clip.tokenize pads with 0
+
+
+def test_torchscript_reader_runs_nothing(tmp_path):
+    """A scripted archive reads as torch.jit.load reads it; a data.pkl that names any other Python
+    object than a tensor rebuild is refused before anything is called."""
+    g = torch.Generator().manual_seed(0)
+    sd = {"a.b.weight": torch.randn(3, 4, generator=g), "a.c": torch.randn(5, generator=g).half(), "d": torch.tensor(7)}
+    save_torchscript(sd, tmp_path / "scripted.pt")
+    read = read_openai_checkpoint(tmp_path / "scripted.pt")
+    assert sorted(read) == sorted(sd) and all(read[k].dtype == sd[k].dtype and torch.equal(read[k], sd[k]) for k in sd)
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    with zipfile.ZipFile(tmp_path / "evil.pt", "w") as z:
+        z.writestr("evil/data.pkl", pickle.dumps({"visual.conv1.weight": Evil()}, protocol=2))
+        z.writestr("evil/code/__torch__/evil.py", "")
+    with pytest.raises(WeightsError, match="refusing to load it"):
+        load_clip(tmp_path / "evil.pt", vocab=VOCAB)
+    assert not marker.exists()
 
 
 def test_sd2_text_encoder_parity_diffusers_folder_and_single_file(tmp_path):
@@ -116,7 +160,7 @@ def test_sd2_text_encoder_parity_diffusers_folder_and_single_file(tmp_path):
     randomise(ref, 2)
     ref.save_pretrained(tmp_path / "text_encoder")
     if VOCAB:
-        write_hf_vocab(None, VOCAB, tmp_path / "text_encoder")
+        write_hf_vocab(VOCAB, tmp_path / "text_encoder")
         os.makedirs(tmp_path / "tokenizer")
         for f in ("vocab.json", "merges.txt"):
             os.replace(tmp_path / "text_encoder" / f, tmp_path / "tokenizer" / f)
@@ -132,7 +176,7 @@ def test_sd2_text_encoder_parity_diffusers_folder_and_single_file(tmp_path):
         hf = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in ref.state_dict().items()}
         hf["text_projection.weight"] = torch.zeros(1, 1)
         openclip = {k: v for k, v in openai_text_only(hf).items()}
-        openclip.update({f"transformer.resblocks.23.ln_1.weight": torch.ones(1024), "text_projection": torch.zeros(1024, 1024),
+        openclip.update({"transformer.resblocks.23.ln_1.weight": torch.ones(1024), "text_projection": torch.zeros(1024, 1024),
                          "logit_scale": torch.tensor(1.0)})
         single = {"cond_stage_model.model." + k: v for k, v in openclip.items()}
         enc2, tok2 = load_sd2_text_encoder("sd2.ckpt", vocab=VOCAB, single_file_sd=single)
@@ -192,6 +236,14 @@ def test_bad_inputs(tmp_path):
     save_file({"visual.conv1.weight": torch.zeros(1)}, str(tmp_path / "vision_only.safetensors"))
     with pytest.raises(WeightsError, match="not an OpenAI CLIP checkpoint"):
         load_clip(tmp_path / "vision_only.safetensors")
+    save_file({"visual.conv1.weight": torch.zeros(1), "token_embedding.weight": torch.zeros(1)},
+              str(tmp_path / "partial.safetensors"))
+    with pytest.raises(WeightsError, match="not a full OpenAI CLIP checkpoint: missing ln_final.weight"):
+        load_clip(tmp_path / "partial.safetensors")
+    import transformers
+    transformers.CLIPVisionConfig().save_pretrained(tmp_path / "vision")
+    with pytest.raises(WeightsError, match="clip_vision_model.*not a CLIPModel"):
+        load_clip(tmp_path / "vision")
 
 
 def test_tiny_config_roundtrip_through_an_hf_folder(tmp_path):

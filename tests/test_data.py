@@ -42,8 +42,8 @@ LAYOUTS = {
     "cocostuff171": ("images/val2017/{s}.jpg", "annotations/val2017/{s}.png"),
     "cityscapes19": ("leftImg8bit/val/frankfurt/{s}_leftImg8bit.png",
                      "gtFine/val/frankfurt/{s}_gtFine_labelTrainIds.png"),
-    "deepglobe_roads": ("val/{s}_sat.jpg", "val/{s}_mask.png"),
-    "refuge2": ("val/images/{s}.jpg", "val/mask/{s}.bmp"),
+    "deepglobe": ("val/{s}_sat.jpg", "val/{s}_mask.png"),
+    "refuge": ("val/images/{s}.jpg", "val/mask/{s}.bmp"),
     "phenobench": ("val/images/{s}.png", "val/semantics/{s}.png"),
     "folder": ("images/{s}.png", "masks/{s}.png"),
 }
@@ -78,9 +78,9 @@ CASES = [
      255, {0: "person", 11: "stop sign", 80: "banner", 170: "wood"}),
     ("cityscapes19", {"frankfurt_000000_000294": stripes([0, 18, 255, 7])}, np.uint8, None,
      {"frankfurt_000000_000294": stripes([0, 18, 255, 7])}, 255, {0: "road", 7: "traffic sign"}),
-    ("deepglobe_roads", {"104": grey_rgb(stripes([0, 127, 128, 255]))}, np.uint8, "RGB",
+    ("deepglobe", {"104": grey_rgb(stripes([0, 127, 128, 255]))}, np.uint8, "RGB",
      {"104": stripes([-1, -1, 0, 0])}, 255, {0: "road"}),
-    ("refuge2", {"V0001": stripes([255, 128, 0, 128])}, np.uint8, "L",
+    ("refuge", {"V0001": stripes([255, 128, 0, 128])}, np.uint8, "L",
      {"V0001": stripes([-1, 0, 1, 0])}, 255, {0: "optic disc", 1: "optic cup"}),
     ("phenobench", {"05-15_00028_P0030852": stripes([0, 1, 2, 3, 4])}, np.uint8, None,
      {"05-15_00028_P0030852": stripes([0, 1, 2, 1, 2])}, 255, {0: "soil", 1: "crop", 2: "weed"}),
@@ -121,8 +121,8 @@ def test_ade847_reads_16_bit_tiff_as_pillow_gives_it(tmp_path):
 
 
 def test_refuge_optic_disc_is_rim_plus_cup(tmp_path):
-    root = make(tmp_path, "refuge2", {"g0001": stripes([255, 128, 0, 128])}, mode="L")
-    ev = build("refuge2", root, "val", evaluation=True)
+    root = make(tmp_path, "refuge", {"g0001": stripes([255, 128, 0, 128])}, mode="L")
+    ev = build("refuge", root, "val", evaluation=True)
     _, labels, _ = ev[0]
     np.testing.assert_array_equal(ev.class_mask(labels.numpy(), 0), stripes([0, 1, 1, 1]).astype(bool))
     np.testing.assert_array_equal(ev.class_mask(labels.numpy(), 1), stripes([0, 0, 1, 0]).astype(bool))
@@ -156,10 +156,10 @@ def test_user_class_list_replaces_the_shipped_one(tmp_path):
 
 def test_shipped_class_lists():
     counts = {"ade150": 150, "ade847": 847, "pc59": 59, "pc459": 459, "cocostuff171": 171, "cityscapes19": 19,
-              "phenobench": 3, "deepglobe_roads": 1, "refuge2": 2}
+              "phenobench": 3, "deepglobe": 1, "refuge": 2}
     for name, n in counts.items():
         path = data.CLASSES_DIR / f"{name}.txt"
-        assert open(path).readline().startswith("# "), path
+        assert open(path).readline().startswith("# source: "), path
         assert len(data.read_class_file(path)) == n, name
     assert data.read_class_file(data.CLASSES_DIR / "ade847.txt")[11].startswith("person, individual")
 

@@ -7,13 +7,15 @@ Tiny configs: our to_json config builds the same model in diffusers, output for 
 import gc
 import json
 import os
+from dataclasses import replace
 
 import pytest
 import torch
 from diffusers import AutoencoderKL as DiffusersVAE
 from diffusers import UNet2DConditionModel
 
-from model.unet import PRESETS as UNET_PRESETS, UNet2DCondition, UNetConfig
+from model.attention import attention
+from model.unet import PRESETS as UNET_PRESETS, Attention, UNet2DCondition, UNetConfig
 from model.vae import PRESETS as VAE_PRESETS, AutoencoderKL, VAEConfig
 from model.weights import load_sd2
 
@@ -173,6 +175,23 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         grads.append(torch.cat([p.grad.flatten() for p in ours.parameters()]))
     assert grads[0].abs().max() > 0
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_upcast_attention_computes_in_float32():
+    """768-v's upcast_attention: attention of half-precision inputs computed in float32, in every
+    transformer of the U-Net (in fp32, as in the full-size parity test, it changes nothing)."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 50, 64, generator=g).bfloat16() for _ in range(3))
+    out = attention(q, k, v, heads=2, upcast=True)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, attention(q.float(), k.float(), v.float(), heads=2).bfloat16())
+    _, ours = tiny_pair()
+    upcast = UNet2DCondition(replace(TINY_UNET, upcast_attention=True)).eval()
+    upcast.load_state_dict(ours.state_dict())
+    assert all(m.upcast for m in upcast.modules() if isinstance(m, Attention))
+    sample, t, context = (x.bfloat16() if x.is_floating_point() else x for x in unet_inputs(32, 8, 8, tokens=5))
+    with torch.no_grad():
+        assert not torch.equal(upcast.bfloat16()(sample, t, context), ours.bfloat16()(sample, t, context))
 
 
 def test_tiny_vae_config_loads_in_diffusers_and_matches(tmp_path):

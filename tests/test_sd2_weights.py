@@ -189,6 +189,17 @@ def test_bf16_and_bin_weights(tiny_folder):
     assert out.dtype == torch.bfloat16 and out.shape == (1, 4, 8, 8)
 
 
+def test_fp16_variant_file_loads(tiny_folder):
+    """A hub download of the half-precision copies only (diffusion_pytorch_model.fp16.safetensors)."""
+    path = tiny_folder / "vae" / "diffusion_pytorch_model.safetensors"
+    weights = {k: v.half() for k, v in read_state_dict(path).items()}
+    save_file(weights, tiny_folder / "vae" / "diffusion_pytorch_model.fp16.safetensors")
+    path.unlink()
+    sd = load_sd2(tiny_folder)
+    assert sd.vae.encoder.conv_in.weight.dtype == torch.float32
+    assert_same_tensors({k: v.half() for k, v in sd.vae.state_dict().items()}, weights)
+
+
 def test_missing_path_and_parts(tmp_path, tiny_folder):
     with pytest.raises(WeightsError, match="no such file or folder"):
         load_sd2(tmp_path / "nowhere")
@@ -228,6 +239,12 @@ def test_other_stable_diffusions_refused(tiny_folder, tmp_path):
     save_file({"conditioner.embedders.0.x": torch.zeros(1)}, tmp_path / "sdxl.safetensors")
     with pytest.raises(WeightsError, match="SDXL checkpoint"):
         load_sd2(tmp_path / "sdxl.safetensors", prediction="epsilon")
+    save_file({"model.diffusion_model.label_emb.0.0.weight": torch.zeros(1)}, tmp_path / "unclip.safetensors")
+    with pytest.raises(WeightsError, match="label_emb .*SD 2.x unCLIP"):
+        load_sd2(tmp_path / "unclip.safetensors", prediction="epsilon")
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 9, 3, 3)}, tmp_path / "inpaint.safetensors")
+    with pytest.raises(WeightsError, match="takes 9 input channels"):
+        load_sd2(tmp_path / "inpaint.safetensors", prediction="epsilon")
     save_file({"x": torch.zeros(1)}, tmp_path / "other.safetensors")
     with pytest.raises(WeightsError, match="not an original Stable Diffusion checkpoint"):
         load_sd2(tmp_path / "other.safetensors", prediction="epsilon")

@@ -29,9 +29,10 @@ TEXTS = BASE + [f"A photo of a {c}." for c in CLASSES] + [f"a {c} in the scene" 
 def pair(tmp_path_factory):
     from transformers import CLIPTokenizer
     folder = tmp_path_factory.mktemp("tok")
-    write_hf_vocab(None, VOCAB, folder)
+    write_hf_vocab(VOCAB, folder)
     ref = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
-    return Tokenizer.from_files(folder / "vocab.json", folder / "merges.txt"), Tokenizer.from_openai(VOCAB), ref
+    ref_bang = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="!")
+    return Tokenizer.from_files(folder / "vocab.json", folder / "merges.txt"), Tokenizer.from_openai(VOCAB), ref, ref_bang
 
 
 def reference_ids(ref, texts):
@@ -44,20 +45,23 @@ def test_at_least_200_strings():
 
 
 def test_ids_and_padding_match_transformers(pair):
-    ours, ours_openai, ref = pair
+    ours, ours_openai, ref, ref_bang = pair
     expected = reference_ids(ref, TEXTS)
     got = ours(TEXTS)
     bad = [t for t, a, b in zip(TEXTS, got, expected) if not torch.equal(a, b)]
     assert not bad, bad[:5]
-    # the same vocabulary rebuilt from the OpenAI merges file, padded with "!" = 0 instead of EOS
-    got0 = ours_openai(TEXTS)
-    eos_pad = torch.where(got0 == 0, torch.full_like(got0, 49407), got0)
-    unpadded = torch.where((expected == 49407).cumsum(1) > 1, torch.full_like(expected, 49407), expected)
-    assert torch.equal(eos_pad, unpadded)
+    # the same vocabulary rebuilt from the OpenAI merges file, padded with "!" = 0 (SD2, clip.tokenize)
+    plain = [t for t in TEXTS if "!" not in t]
+    expected0 = reference_ids(ref_bang, plain)
+    assert (expected0 == 0).any() and torch.equal(ours_openai(plain), expected0)
+    # transformers makes its pad token special, so with pad "!" it also turns every "!" of the text
+    # into id 0; open_clip (SD2's training tokenizer) and we byte-pair encode it: "!</w>" = 256
+    assert reference_ids(ref_bang, ["a cat!"])[0, :5].tolist() == [49406, 320, 2368, 0, 49407]
+    assert ours_openai(["a cat!"])[0, :5].tolist() == [49406, 320, 2368, 256, 49407]
 
 
 def test_truncation_keeps_the_end_token(pair):
-    ours, _, _ = pair
+    ours = pair[0]
     long = "a photo of a " + "very " * 100 + "big dog"
     ids = ours([long])[0]
     assert ids[0] == 49406 and ids[-1] == 49407 and (ids != 49407).sum() == 76
@@ -65,7 +69,9 @@ def test_truncation_keeps_the_end_token(pair):
 
 
 def test_known_ids(pair):
-    _, ours_openai, _ = pair
+    ours_openai = pair[1]
     # open_clip.tokenize("a diagram") -> [49406, 320, 22697, 49407, 0, ...] (FACTS.md: the padding of SD2)
-    ids = ours_openai(["a diagram"])[0]
-    assert ids[:5].tolist() == [49406, 320, 22697, 49407, 0]
+    ids = ours_openai(["a diagram", "a photo of a cat"])
+    assert ids[0, :5].tolist() == [49406, 320, 22697, 49407, 0]
+    assert ids[1, :8].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407, 0]   # open_clip.tokenize, FACTS.md 1
+    assert ours_openai.vocab_size == 49408
