@@ -18,6 +18,7 @@ prompt uses the first ("building, edifice" -> "a photo of a building."). `class_
 first names; ADE-847 has a few repeated first names (bag, pot, screen, ...) that a prompt cannot
 tell apart. Any dataset accepts `classes=PATH`, a list of your own in the same format.
 """
+import colorsys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -456,15 +457,21 @@ def build(name, root, split, *, evaluation=False, classes=None, fraction=1.0, se
 # ---- The toy world (DESIGN.md section 4) ------------------------------------------------------
 
 TOY_CLASSES = ("circle", "square", "triangle", "star", "ring", "bar")
+TOY_HUES = (0.0, 0.6, 0.3, 0.15, 0.8, 0.45)  # each class paints in its own hue family (HSV hue in [0, 1))
 
 
 def toy_scene(seed, index, size=64):
     """One procedural scene: (RGB uint8 (size, size, 3), labels int64 (size, size)).
 
-    1-3 shapes of distinct classes with random colours, sizes, positions and rotations, painted in
-    order so that later shapes occlude earlier ones, on a two-colour gradient with a faint striped
-    texture. labels int64: the class index (0..5) of the visible shape, NONE (-1) elsewhere.
-    Deterministic: the same (seed, index, size) always gives the same scene."""
+    1-3 shapes of distinct classes with random sizes, positions and rotations, painted in order so
+    that later shapes occlude earlier ones, on a two-colour gradient with a faint striped texture.
+    labels int64: the class index (0..5) of the visible shape, NONE (-1) elsewhere.
+    Deterministic: the same (seed, index, size) always gives the same scene.
+
+    A class is told by its shape and by its hue family (TOY_HUES, jittered, with random saturation
+    and brightness): with random colours the tiny from-scratch models that must learn this world
+    in minutes recognise shapes too slowly (a toy CLIP stayed at chance presence accuracy after
+    600 steps, and DiGSeg on top reached a val mIoU of 0.09 with 1500 steps)."""
     rng = np.random.default_rng([seed, index])
     yy, xx = np.mgrid[0:size, 0:size] / size
     c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
@@ -478,12 +485,21 @@ def toy_scene(seed, index, size=64):
         r = rng.uniform(0.13, 0.25) * size
         cx, cy = rng.uniform(0.6 * r, size - 0.6 * r, 2)
         inside = _shape_mask(TOY_CLASSES[c], cx, cy, r, rng.uniform(0, 2 * np.pi), size)
-        colour = rng.uniform(0, 255, 3)
-        while np.abs(colour - img[inside].mean(0)).sum() < 150:  # keep shapes visible on their background
-            colour = rng.uniform(0, 255, 3)
+        colour = _class_colour(c, rng)
+        for _ in range(100):                                     # keep shapes visible on their background
+            if np.abs(colour - img[inside].mean(0)).sum() >= 150:
+                break
+            colour = _class_colour(c, rng)
         img[inside] = colour
         labels[inside] = c
     return img.clip(0, 255).astype(np.uint8), labels
+
+
+def _class_colour(c, rng):
+    """An RGB colour (0..255) of class c's hue family: hue TOY_HUES[c] +- 0.04, saturation and
+    value in [0.5, 1]."""
+    hue = (TOY_HUES[c] + rng.uniform(-0.04, 0.04)) % 1.0
+    return 255 * np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.5, 1), rng.uniform(0.5, 1)))
 
 
 def _shape_mask(kind, cx, cy, r, angle, size):

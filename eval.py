@@ -27,6 +27,7 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
+from PIL import Image
 
 import data
 from digseg import DiGSeg, aggregate, binary_mask, tensor_to_pil
@@ -156,8 +157,11 @@ def evaluate(model, ds, args, rank=0, world=1, tag="main"):
                 counts[c] += [(p & g).sum(), (p | g).sum(), p.sum(), g.sum()]
         if j < args.overlays and rank == 0:
             from sample import overlay
-            overlay(tensor_to_pil(image), pred, ds.class_names).save(
-                os.path.join(args.out, f"overlay_{tag}_{os.path.basename(path)}.png"))
+            left, right = (overlay(tensor_to_pil(image), labels, ds.class_names) for labels in (pred, gt))
+            both = Image.new("RGB", (left.width + right.width, max(left.height, right.height)), "white")
+            both.paste(left, (0, 0))
+            both.paste(right, (left.width, 0))                # prediction | ground truth
+            both.save(os.path.join(args.out, f"overlay_{tag}_{os.path.basename(path)}.png"))
         done.append(i)
         if (j + 1) % args.save_every == 0 or j + 1 == len(todo):
             atomic_save({"cm": cm, "counts": counts, "done": done, "key": key}, partial)
@@ -269,7 +273,7 @@ def main(argv=None):
     p.add_argument("--limit", type=int, default=0, help="evaluate the first N images only")
     p.add_argument("--batch_size", type=int, default=8, help="denoising batch (classes x members)")
     p.add_argument("--save_every", type=int, default=20)
-    p.add_argument("--overlays", type=int, default=0, help="write overlay PNGs of the first N images")
+    p.add_argument("--overlays", type=int, default=0, help="write overlay PNGs (prediction | ground truth) of the first N images")
     p.add_argument("--vae_masks", type=int, default=1000)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])

@@ -73,14 +73,19 @@ def label_png(labels, n_classes):
     return img
 
 
-def overlay(image, labels, names, alpha=0.5):
-    """The labels blended over the image, with a legend strip on the right naming the classes."""
-    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
+def overlay(image, labels, names, alpha=0.5, min_side=256):
+    """The labels blended over the image, with a legend strip on the right naming the classes.
+    Images smaller than min_side (the toy world's 64 px) are enlarged by a whole factor, nearest."""
     a = labels.numpy()
+    zoom = -(-min_side // max(a.shape))              # ceil: 64 px -> x4
+    if zoom > 1:
+        image = image.resize((image.width * zoom, image.height * zoom), Image.NEAREST)
+        a = a.repeat(zoom, axis=0).repeat(zoom, axis=1)
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
     col = np.zeros_like(rgb)
     for k in range(len(names)):
         col[a == k] = colour(k)
-    fg = (a >= 0)[..., None]
+    fg = ((a >= 0) & (a < len(names)))[..., None]   # no class (-1) and ignored pixels stay as they are
     out = np.where(fg, (1 - alpha) * rgb + alpha * col, rgb).astype(np.uint8)
     H, W = a.shape
     shown = [k for k in range(len(names)) if (a == k).any()]

@@ -107,3 +107,15 @@ def test_vae_on_masks_study(tiny_paths):
     ds = data.build("toy", "", "val", evaluation=True)
     r = evaluation.vae_on_masks(sd.vae, sd.vae_scale, ds, n=10)
     assert r["masks"] == 10 and 0 < r["mae"] < 1 and 0 <= r["label_accuracy"] <= 1
+
+
+def test_overlay_enlarges_small_images_and_leaves_unlabelled_pixels_alone():
+    from sample import colour, overlay
+    img = Image.new("RGB", (64, 32), (10, 20, 30))
+    labels = torch.full((32, 64), -1)
+    labels[:8, :8] = 1
+    labels[8:16, :8] = 255                                    # an ignored pixel value
+    out = np.asarray(overlay(img, labels, ["a", "b"]).convert("RGB")).astype(int)
+    assert out.shape[1] >= 256 + 1 and out.shape[0] >= 128      # x4 enlargement, + the legend
+    assert np.abs(out[0, 0] - (0.5 * np.array([10, 20, 30]) + 0.5 * np.array(colour(1)))).max() <= 1  # blended
+    assert (out[40, 0] == [10, 20, 30]).all() and (out[100, 100] == [10, 20, 30]).all()

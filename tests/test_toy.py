@@ -45,3 +45,14 @@ def test_splits_do_not_share_scenes_and_eval_view_matches():
     img, lab = data.toy_scene(2000, 0)
     assert torch.equal(labels, torch.from_numpy(lab)) and x.shape == (3, 64, 64) and name == "toy-2000-0"
     assert val.class_names == list(data.TOY_CLASSES) and len(val) == 500
+
+
+def test_each_class_paints_in_its_own_hue_family():
+    import colorsys
+    for index in range(30):
+        img, lab = data.toy_scene(7, index)
+        for cls in np.unique(lab[lab >= 0]):
+            r, g, b = img[lab == cls][0] / 255
+            hue = colorsys.rgb_to_hsv(r, g, b)[0]
+            distance = abs((hue - data.TOY_HUES[cls] + 0.5) % 1.0 - 0.5)    # on the hue circle
+            assert distance < 0.045, (index, data.TOY_CLASSES[cls], hue)
