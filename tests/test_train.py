@@ -25,17 +25,23 @@ def weights(out):
     return load_file(os.path.join(out, "checkpoint", "digseg.safetensors"))
 
 
-def assert_close(a, b, tol):
+def assert_close(a, b, tol, mean_tol=None):
+    """max |a - b| <= tol, and (mean_tol) the mean |a - b| over all weights <= mean_tol."""
     assert a.keys() == b.keys()
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst <= tol, worst
+    if mean_tol is not None:
+        mean = sum((a[k] - b[k]).abs().sum().item() for k in a) / sum(a[k].numel() for k in a)
+        assert mean <= mean_tol, mean
     return worst
 
 
 # Adam turns a float-rounding difference in a near-zero gradient into an update of up to lr, so
-# the comparisons below use lr = 1e-4 and 2 steps: a real mismatch (other samples, other noise,
-# gradients not averaged) moves the weights by ~lr everywhere, far beyond the 1e-5 tolerance.
+# the comparisons below use lr = 1e-4 and 2 steps, and allow a few weights to differ by up to a
+# quarter of one step (2.5e-5) while the mean difference stays at rounding level (1e-8): a real
+# mismatch (other samples, other noise, gradients not averaged) moves the weights by ~lr everywhere.
 SAME = dict(lr=1e-4, max_steps=2)
+TOL = dict(tol=2.5e-5, mean_tol=1e-8)
 
 
 def test_torchrun_two_processes_equal_one_process(tiny_paths, tmp_path):
@@ -48,7 +54,7 @@ def test_torchrun_two_processes_equal_one_process(tiny_paths, tmp_path):
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     assert "total batch 2 = 1 per process x 2 processes x 1 accumulation steps" in r.stdout
-    worst = assert_close(weights(one), weights(two), 1e-5)
+    worst = assert_close(weights(one), weights(two), **TOL)
     print(f"DDP x2 vs one process: max abs weight difference {worst:.2e}")
     base = load_file(os.path.join(tiny_paths[0], "unet", "diffusion_pytorch_model.safetensors"))
     assert (weights(one)["unet.conv_out.weight"] - base["conv_out.weight"]).abs().max() > 1e-4   # it did train
@@ -57,7 +63,7 @@ def test_torchrun_two_processes_equal_one_process(tiny_paths, tmp_path):
 def test_accumulation_equals_a_bigger_batch(tiny_paths, tmp_path):
     train.train(train.parse_args(args(tiny_paths, tmp_path / "big", batch_size=2, **SAME)))
     train.train(train.parse_args(args(tiny_paths, tmp_path / "acc", batch_size=1, grad_accum=2, **SAME)))
-    assert_close(weights(tmp_path / "big"), weights(tmp_path / "acc"), 1e-5)
+    assert_close(weights(tmp_path / "big"), weights(tmp_path / "acc"), **TOL)
 
 
 def test_resume_is_bit_identical(tiny_paths, tmp_path):
