@@ -36,12 +36,14 @@ def assert_close(a, b, tol, mean_tol=None):
     return worst
 
 
-# Adam turns a float-rounding difference in a near-zero gradient into an update of up to lr, so
-# the comparisons below use lr = 1e-4 and 2 steps, and allow a few weights to differ by up to a
-# quarter of one step (2.5e-5) while the mean difference stays at rounding level (1e-8): a real
-# mismatch (other samples, other noise, gradients not averaged) moves the weights by ~lr everywhere.
+# Adam turns a float-rounding difference in a near-zero gradient into an update of up to lr: with
+# lr = 1e-4 and 2 steps a handful of weights can differ by a few 1e-5 (seen: 8e-6 to 4.5e-5,
+# depending on the tiny models of the session). So the bound on the worst weight is Adam's own
+# (lr x steps), and the real check is the mean difference over all weights, at rounding level
+# (seen: 4e-10; bound 1e-8): a real mismatch (other samples, other noise, gradients not averaged)
+# moves the weights by ~lr everywhere, a mean of ~5e-5.
 SAME = dict(lr=1e-4, max_steps=2)
-TOL = dict(tol=2.5e-5, mean_tol=1e-8)
+TOL = dict(tol=2e-4, mean_tol=1e-8)
 
 
 def test_torchrun_two_processes_equal_one_process(tiny_paths, tmp_path):
