@@ -75,4 +75,5 @@ def image_grid(path, images, labels=None, cols=None, cell=128):
 
 
 def _fmt(v):
-    return f"{v:.3g}"
+    """Tick labels: whole numbers and anything >= 100 as integers (steps: 1125, not 1.12e+03)."""
+    return str(int(round(v))) if abs(v) >= 100 or v == int(v) else f"{v:.3g}"
