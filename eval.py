@@ -138,9 +138,9 @@ def evaluate(model, ds, args, rank=0, world=1, tag="main"):
     partial = os.path.join(args.out, f"partial_{tag}_rank{rank}of{world}.pt")
     cm, counts, done = np.zeros((C + 1, C + 1), np.int64), np.zeros((C, 4), np.int64), []
     if os.path.isfile(partial):
-        state = torch.load(partial, weights_only=False)   # our own file, written below
+        state = torch.load(partial, weights_only=True)    # tensors, lists, strings and numbers only
         if state["key"] == key:
-            cm, counts, done = state["cm"], state["counts"], state["done"]
+            cm, counts, done = state["cm"].numpy(), state["counts"].numpy(), state["done"]
             print(f"[rank {rank}] {tag}: resuming after {len(done)} images", flush=True)
     n = min(len(ds), args.limit or len(ds))
     todo = [i for i in range(rank, n, world) if i not in set(done)]
@@ -164,7 +164,7 @@ def evaluate(model, ds, args, rank=0, world=1, tag="main"):
             both.save(os.path.join(args.out, f"overlay_{tag}_{os.path.basename(path)}.png"))
         done.append(i)
         if (j + 1) % args.save_every == 0 or j + 1 == len(todo):
-            atomic_save({"cm": cm, "counts": counts, "done": done, "key": key}, partial)
+            atomic_save({"cm": torch.from_numpy(cm), "counts": torch.from_numpy(counts), "done": done, "key": key}, partial)
         if rank == 0 and (sys.stdout.isatty() or (j + 1) % max(1, len(todo) // 10) == 0 or j + 1 == len(todo)):
             rate = (j + 1) / (time.time() - t0)      # a live line on a terminal, every 10 % in a log file
             print(f"\r[{tag}] {j + 1}/{len(todo)} images | {rate:.2f} img/s | "
