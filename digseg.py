@@ -142,13 +142,11 @@ class DiGSeg(nn.Module):
 
     def encode_mask(self, y):
         """y (B, H, W) in {0, 1} -> z_y (B, 4, h, w): the mask as an image, 2y - 1 on 3 channels."""
-        y3 = (2 * y.float() - 1).unsqueeze(1).expand(-1, 3, -1, -1)
-        return self.vae.encode(y3.to(self.vae_dtype))[0] * self.vae_scale
+        return self.vae.encode(mask_to_image(y).to(self.vae_dtype))[0] * self.vae_scale
 
     def decode_mask(self, z):
         """z (B, 4, h, w) -> M (B, H, W) in [0, 1]: decode, mean over RGB, back from [-1, 1]."""
-        x = self.vae.decode(z / self.vae_scale)
-        return ((x.float().mean(dim=1) + 1) / 2).clamp(0, 1)
+        return image_to_mask(self.vae.decode(z / self.vae_scale))
 
     @property
     def vae_dtype(self):
@@ -329,6 +327,16 @@ def select_candidates(image_embed, patch_embeds, text_embeds, vocabulary, tau_gl
     scores = {c: {"global": g[i].item(), "patch": p[i].item()} for i, c in enumerate(vocabulary) if keep[i]}
     order = sorted(scores, key=lambda c: -max(scores[c].values()))
     return order, {c: scores[c] for c in order}
+
+
+def mask_to_image(y):
+    """Sec. 3.4: a mask y (B, H, W) in {0, 1} as the VAE sees an image: 2y - 1 on 3 channels (B, 3, H, W)."""
+    return (2 * y.float() - 1).unsqueeze(1).expand(-1, 3, -1, -1)
+
+
+def image_to_mask(x):
+    """The way back: a decoded image (B, 3, H, W) -> M (B, H, W) in [0, 1], mean over RGB, from [-1, 1]."""
+    return ((x.float().mean(dim=1) + 1) / 2).clamp(0, 1)
 
 
 def aggregate(probs, tau_bg=0.5):

@@ -19,6 +19,7 @@ Both come from the same matrix; say which one a table reports.
 """
 import argparse
 import csv
+import itertools
 import json
 import os
 import sys
@@ -30,7 +31,7 @@ import torch.distributed as dist
 from PIL import Image
 
 import data
-from digseg import DiGSeg, aggregate, binary_mask, tensor_to_pil
+from digseg import DiGSeg, aggregate, binary_mask, image_to_mask, mask_to_image, tensor_to_pil
 from model.weights import load_sd2
 from plot import line_plot
 
@@ -214,35 +215,26 @@ def vae_on_masks(vae, vae_scale, ds, n=1000, batch=8, device="cpu"):
     """Encode and decode n binary class masks (2y - 1 on 3 channels), as DiGSeg's latent pathway does.
     MAE between the decoded channel mean mapped to [0, 1] and the mask; label accuracy: the decoded
     value's nearest palette entry (0 or 1) equals the mask."""
-    maes, accs, masks = [], [], []
     dtype = next(vae.parameters()).dtype
-    for i in range(len(ds)):
-        _, gt, _ = ds[i]
-        for c in sorted(int(v) for v in gt.unique() if 0 <= v < len(ds.class_names)):
-            masks.append((gt == c).float())
-            if len(masks) == batch or (len(maes) * batch + len(masks) >= n):
-                maes, accs = _vae_batch(vae, vae_scale, masks, maes, accs, dtype, device)
-                masks = []
-            if len(maes) * batch >= n:
-                break
-        if len(maes) * batch >= n:
-            break
-    if masks:
-        maes, accs = _vae_batch(vae, vae_scale, masks, maes, accs, dtype, device)
+    masks = itertools.islice(_class_masks(ds), n)
+    maes, accs = [], []
+    while chunk := list(itertools.islice(masks, batch)):
+        for shape in {tuple(m.shape) for m in chunk}:     # masks of one size at a time
+            y = torch.stack([m for m in chunk if tuple(m.shape) == shape]).to(device)
+            z = vae.encode(mask_to_image(y).to(dtype))[0] * vae_scale
+            m = image_to_mask(vae.decode(z / vae_scale))                     # (B, H, W) in [0, 1]
+            maes.append((m - y).abs().flatten(1).mean(1).cpu())
+            accs.append(((m > 0.5) == (y > 0.5)).float().flatten(1).mean(1).cpu())
     mae, acc = torch.cat(maes), torch.cat(accs)
     return {"masks": len(mae), "mae": mae.mean().item(), "label_accuracy": acc.mean().item()}
 
 
-def _vae_batch(vae, scale, masks, maes, accs, dtype, device):
-    sizes = {tuple(m.shape) for m in masks}
-    for shape in sizes:                                   # masks of one size at a time
-        y = torch.stack([m for m in masks if tuple(m.shape) == shape]).to(device)
-        x = (2 * y - 1)[:, None].expand(-1, 3, -1, -1).to(dtype)
-        z = vae.encode(x)[0] * scale
-        m = ((vae.decode(z / scale).float().mean(1) + 1) / 2).clamp(0, 1)   # (B, H, W) in [0, 1]
-        maes.append((m - y).abs().flatten(1).mean(1).cpu())
-        accs.append(((m > 0.5) == (y > 0.5)).float().flatten(1).mean(1).cpu())
-    return maes, accs
+def _class_masks(ds):
+    """Every (image, class present) of ds in order, as a float mask (H, W)."""
+    for i in range(len(ds)):
+        _, gt, _ = ds[i]
+        for c in sorted(int(v) for v in gt.unique() if 0 <= v < len(ds.class_names)):
+            yield (gt == c).float()
 
 
 # ---- the command line ------------------------------------------------------------------------

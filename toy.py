@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import data
 import eval as evaluation
 import train
+from digseg import mask_to_image
 from model.clip import CLIP, MEAN, STD, CLIPConfig, CLIPTextConfig, CLIPVisionConfig, train_bpe
 from model.unet import UNet2DCondition, UNetConfig
 from model.vae import AutoencoderKL, VAEConfig
@@ -78,7 +79,7 @@ def pretrain_vae(out, steps, batch=32, crop=32, seed=0):
         n_masks = batch // 4                            # masks are easy to reconstruct; images get 3/4
         cls = torch.randint(0, len(data.TOY_CLASSES), (n_masks,))
         masks = (y_all[idx[:n_masks]] == cls[:, None, None]).float()
-        x = torch.cat([x_all[idx[n_masks:]], (2 * masks - 1)[:, None].expand(-1, 3, -1, -1)])
+        x = torch.cat([x_all[idx[n_masks:]], mask_to_image(masks)])
         top, left = torch.randint(0, x.shape[-1] - crop + 1, (2,)).tolist()
         x = x[:, :, top:top + crop, left:left + crop]                # (B, 3, crop, crop)
         mean, logvar = vae.encode(x)
