@@ -19,6 +19,7 @@ first names; ADE-847 has a few repeated first names (bag, pot, screen, ...) that
 tell apart. Any dataset accepts `classes=PATH`, a list of your own in the same format.
 """
 import colorsys
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -30,7 +31,7 @@ from PIL import Image, ImageDraw, ImageOps
 NONE = -1
 INVALID = -2            # a raw label value that the dataset never uses (an error if found)
 CLASSES_DIR = Path(__file__).resolve().parent / "classes"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
 
 class DataError(ValueError):
@@ -40,20 +41,48 @@ class DataError(ValueError):
 # ---- reading files ---------------------------------------------------------------------------
 
 def load_rgb(path):
-    """Any image file -> RGB PIL image, EXIF orientation applied (as detectron2's read_image).
-
-    Modes: RGBA/LA lose alpha, P/L/CMYK go through PIL's conversion, 16-bit grey (I;16, I) is
-    scaled by 255/65535 (PIL would clip it at 255)."""
+    """Any image file -> RGB PIL image, EXIF orientation applied (as detectron2's read_image),
+    through `to_rgb`."""
     try:
         with Image.open(path) as img:
             img = ImageOps.exif_transpose(img)
             img.load()
     except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"cannot read image {path}: {e}") from e
-    if img.mode.startswith("I"):
-        grey = np.asarray(img, dtype=np.float64) * (255 / 65535)
-        img = Image.fromarray(grey.round().clip(0, 255).astype(np.uint8))
+    return to_rgb(img)
+
+
+def grey_levels(img):
+    """The one policy for high-bit-depth grey images (PIL's convert("RGB") would clip them at
+    255): a PIL image in mode I;16*, I or F -> its values as float64 (H, W) in [0, 1], scaled by
+    65535 (16-bit modes, and I/F images with values above 255) or by 255. None for other modes."""
+    if not img.mode.startswith(("I", "F")):
+        return None
+    a = np.asarray(img, dtype=np.float64)
+    top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+    return (a / top).clip(0, 1)
+
+
+def to_rgb(img):
+    """Any PIL image -> RGB: alpha dropped, palettes, grey and CMYK converted by PIL, high-bit-depth
+    grey scaled by `grey_levels` and rounded to 8 bits."""
+    grey = grey_levels(img)
+    if grey is not None:
+        return Image.fromarray((grey * 255).round().astype(np.uint8)).convert("RGB")
     return img.convert("RGB")
+
+
+def pil_to_tensor(img):
+    """Any PIL image -> (3, H, W) float32 in [-1, 1]; high-bit-depth grey keeps its precision."""
+    grey = grey_levels(img)
+    a = np.repeat(grey[..., None], 3, axis=2) if grey is not None else np.asarray(to_rgb(img), np.float64) / 255
+    return torch.from_numpy(a * 2 - 1).float().permute(2, 0, 1).contiguous()    # (H, W, 3) -> (3, H, W)
+
+
+def tensor_to_pil(x):
+    """(3, H, W) in [-1, 1] -> RGB PIL image."""
+    a = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    return Image.fromarray(a)
 
 
 def image_to_tensor(img):
@@ -353,6 +382,44 @@ class LabelledImages(torch.utils.data.Dataset):
         return sorted(present)
 
 
+    def check(self):
+        """Read every label map once, before training rather than hours into it: one channel, the
+        size of its image (read from the image's header), every value in the class list.
+        -> the problems, one line each ("" when all is well), with a progress line."""
+        problems = []
+        for i, (image_path, mask_path) in enumerate(self.pairs):
+            try:
+                raw = read_raw_labels(mask_path, self.spec.mask_mode)
+                w, h = image_size(image_path)
+                if raw.shape != (h, w):
+                    raise DataError(f"label map {mask_path} is {raw.shape[1]}x{raw.shape[0]} but its image "
+                                    f"{image_path} is {w}x{h}")
+                self.decode(raw, mask_path)
+            except DataError as e:
+                problems.append(str(e))
+            progress(i + 1, len(self.pairs), f"checking {self.name} {self.split} label maps")
+        return problems
+
+
+def image_size(path):
+    """(width, height) of an image file as load_rgb returns it (EXIF rotation applied), from its header."""
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            rotated = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)   # EXIF orientation: a quarter turn
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"cannot read image {path}: {e}") from e
+    return (h, w) if rotated else (w, h)
+
+
+def progress(done, total, what):
+    """A live progress line on a terminal; every 10 % in a log file."""
+    if sys.stdout.isatty():
+        print(f"\r{what}: {done}/{total}", end="\n" if done == total else "", flush=True)
+    elif done == total or done % max(1, total // 10) == 0:
+        print(f"{what}: {done}/{total}", flush=True)
+
+
 class EvalSet(LabelledImages):
     """Evaluation view: (image (3, H, W) in [-1, 1], labels (H, W) int64, image path) at the original
     size; predictions are scored at the label map's size. `ignore_index` is the unscored value,
@@ -392,13 +459,19 @@ class TrainSet(LabelledImages):
         rng = np.random.default_rng([self.seed, self.epoch, index])
         image, labels, _ = self.load(index)
         x, labels = augment(image, labels, self.size, rng, self.scale, self.ignore_index)
-        present = self.present_classes(labels)
-        absent = sorted(set(range(len(self.class_names))) - set(present))
-        use_absent = bool(absent) and (not present or rng.random() < self.p_absent)
-        pool = absent if use_absent else present
-        c = pool[rng.integers(len(pool))]
+        c = draw_class(rng, self.present_classes(labels), len(self.class_names), self.p_absent)
         mask = torch.from_numpy(self.class_mask(labels, c).astype(np.float32))
         return dict(image=x, mask=mask, prompt=self.template.format(self.class_names[c]), class_index=c)
+
+
+def draw_class(rng, present, num_classes, p_absent):
+    """The class of one training sample (Eq. 6 trains one class at a time): uniform among the
+    classes present; with probability p_absent (and always when none is present) uniform among
+    the absent ones, whose mask is empty."""
+    absent = sorted(set(range(num_classes)) - set(present))
+    use_absent = bool(absent) and (not present or rng.random() < p_absent)
+    pool = absent if use_absent else present
+    return pool[rng.integers(len(pool))]
 
 
 def augment(image, labels, size, rng, scale=(0.8, 1.2), ignore_index=255):
@@ -447,14 +520,16 @@ def build(name, root, split, *, evaluation=False, classes=None, fraction=1.0, se
     scale=(0.8, 1.2) (the toy world: size=64, template, p_absent). `classes`: a class-list file of
     your own in place of the shipped one."""
     if name == "toy":
+        if evaluation:
+            return ToyScenes(split, fraction=fraction, seed=seed)
         options = {k: v for k, v in train_options.items() if k in ("size", "template", "p_absent")}
-        return ToyShapes(split, fraction=fraction, seed=seed, evaluation=evaluation, **options)
+        return ToyTrain(split, fraction=fraction, seed=seed, **options)
     if evaluation:
         return EvalSet(name, root, split, classes=classes, fraction=fraction, seed=seed)
     return TrainSet(name, root, split, classes=classes, fraction=fraction, seed=seed, **train_options)
 
 
-# ---- The toy world (DESIGN.md section 4) ------------------------------------------------------
+# ---- The toy world (toy.py trains on it) ------------------------------------------------------
 
 TOY_CLASSES = ("circle", "square", "triangle", "star", "ring", "bar")
 TOY_HUES = (0.0, 0.6, 0.3, 0.15, 0.8, 0.45)  # each class paints in its own hue family (HSV hue in [0, 1))
@@ -528,43 +603,59 @@ def _shape_mask(kind, cx, cy, r, angle, size):
     return np.asarray(m, bool)
 
 
-class ToyShapes(torch.utils.data.Dataset):
-    """The toy world as a dataset, in both views (TrainSet's items, or EvalSet's with evaluation=True).
+class ToyScenes(torch.utils.data.Dataset):
+    """The toy world, evaluation view: items as EvalSet's, (image (3, S, S) in [-1, 1], labels
+    (S, S) int64, name). Pixels of no shape are NONE: a valid, scored pixel of no class
+    (predicting a class there is a false positive).
 
     Scenes are generated on the fly from (seed, index): the train split uses scene seeds
-    1000 + seed, the val split 2000 + seed, so the two never share a scene. Training items follow
-    TrainSet: one class drawn uniformly among those present (seeded by (seed, epoch, index)), its
-    mask and prompt, and a random horizontal flip. Pixels of no shape are NONE in the label map:
-    a valid, scored pixel of no class (predicting a class there is a false positive)."""
+    1000 + seed, the val split 2000 + seed, so the two never share a scene."""
 
-    def __init__(self, split, size=64, n=None, template="a photo of a {}.", p_absent=0.0, fraction=1.0,
-                 seed=0, evaluation=False):
+    def __init__(self, split, size=64, n=None, fraction=1.0, seed=0):
         if split not in ("train", "val"):
             raise DataError(f"toy: unknown split {split!r}; valid: train, val")
         self.scene_seed = (1000 if split == "train" else 2000) + seed
         self.indices = fixed_subset(n or (20000 if split == "train" else 500), fraction, seed)
-        self.size, self.template, self.p_absent, self.seed = size, template, p_absent, seed
-        self.evaluation, self.epoch = evaluation, 0
+        self.size, self.seed = size, seed
         self.class_names, self.synonyms = list(TOY_CLASSES), list(TOY_CLASSES)
         self.ignore_index = 255
 
     def __len__(self):
         return len(self.indices)
 
+    def load(self, index):
+        """-> (image (3, S, S) in [-1, 1], labels (S, S) int64 numpy, name)."""
+        image, labels = toy_scene(self.scene_seed, self.indices[index], self.size)
+        x = torch.from_numpy(image).permute(2, 0, 1).float() / 127.5 - 1     # (S, S, 3) -> (3, S, S)
+        return x, labels, f"toy-{self.scene_seed}-{self.indices[index]}"
+
+    def __getitem__(self, index):
+        x, labels, name = self.load(index)
+        return x, torch.from_numpy(labels), name
+
+    def class_mask(self, labels, c):
+        return labels == c
+
+    def present_classes(self, labels):
+        return sorted(int(c) for c in np.unique(labels) if c >= 0)
+
+
+class ToyTrain(ToyScenes):
+    """The toy world, training view: items as TrainSet's (one class per sample, `draw_class`,
+    seeded by (seed, epoch, index)), with a random horizontal flip as the only augmentation."""
+
+    def __init__(self, split, size=64, n=None, template="a photo of a {}.", p_absent=0.0, fraction=1.0, seed=0):
+        super().__init__(split, size=size, n=n, fraction=fraction, seed=seed)
+        self.template, self.p_absent, self.epoch = template, p_absent, 0
+
     def set_epoch(self, epoch):
         self.epoch = epoch
 
     def __getitem__(self, index):
-        image, labels = toy_scene(self.scene_seed, self.indices[index], self.size)
-        x = torch.from_numpy(image).permute(2, 0, 1).float() / 127.5 - 1     # (S, S, 3) -> (3, S, S)
-        if self.evaluation:
-            return x, torch.from_numpy(labels), f"toy-{self.scene_seed}-{self.indices[index]}"
+        x, labels, _ = self.load(index)
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        present = sorted(int(c) for c in np.unique(labels) if c >= 0)
-        absent = sorted(set(range(len(TOY_CLASSES))) - set(present))
-        pool = absent if absent and rng.random() < self.p_absent else present
-        c = pool[rng.integers(len(pool))]
-        mask = torch.from_numpy((labels == c).astype(np.float32))
+        c = draw_class(rng, self.present_classes(labels), len(TOY_CLASSES), self.p_absent)
+        mask = torch.from_numpy(self.class_mask(labels, c).astype(np.float32))
         if rng.random() < 0.5:
             x, mask = x.flip(-1), mask.flip(-1)
         return dict(image=x, mask=mask, prompt=self.template.format(TOY_CLASSES[c]), class_index=c)

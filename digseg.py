@@ -5,26 +5,27 @@ Read this file first. It follows the paper:
   Sec. 3.5  text conditioner      frozen CLIP text tower + trainable MLP -> U-Net cross-attention
   Sec. 3.6  training (Eq. 5, 6)   noise the mask latent (App. A.1), predict the noise, MSE
   Sec. 3.7  inference (Eq. 7, 8)  DDIM-trailing from pure noise, ensemble in latent space, decode
-  App. A.2  what is trained        `trainable_parameters`
+  App. A.2  what is trained        `trainable_parameter_names`
   App. A.3  mask generation        `segment`, `aggregate`;  class label generation: `propose_classes`
 
 Shapes: B batch, K classes, E ensemble members, (H, W) pixels, (h, w) = (H, W) / 8 latents.
 """
+import hashlib
 import json
 import math
 import os
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from model.diffusion import (add_noise, ddim_step, ddim_timesteps, multires_noise, previous_timestep,
-                             scaled_linear_alphas_cumprod, velocity)
-from model.weights import WeightsError, load_clip, load_sd2, read_state_dict, save_file_atomic
+from data import pil_to_tensor, tensor_to_pil
+from model.diffusion import (add_noise, ddim_sample, ddim_timesteps, multires_noise, scaled_linear_alphas_cumprod,
+                             velocity)
+from model.weights import WeightsError, load_clip, load_sd2, read_state_dict, save_file_atomic, write_text_atomic
 
 NOISE_TYPES = ("gaussian", "multires", "multires_annealed")
 TRAINABLE_SETS = ("all", "paper")
@@ -55,8 +56,11 @@ class DiGSeg(nn.Module):
         self.tokenizer = tokenizer
         self.mlp = mlp              # trainable text projection (B, 77, D) -> (B, 77, 1024), None for text="sd2"
         self.clip = clip            # frozen CLIP with a vision tower, for class proposals (App. A.3); may be None
-        self.register_buffer("alphas_cumprod", scaled_linear_alphas_cumprod(), persistent=False)
-        self._text_cache = {}       # prompt -> frozen text hidden state (77, D), cached at inference
+        # SD2's schedule, created on the U-Net's device; a buffer, so .to(device) moves it too
+        self.register_buffer("alphas_cumprod", scaled_linear_alphas_cumprod().to(unet.conv_in.weight.device),
+                             persistent=False)
+        self._prompt_cache = {}     # prompt -> frozen text hidden state (77, D)
+        self._vocab_cache = {}      # (template, vocabulary) -> CLIP's projected text embeddings (V, E)
         for p in list(self.vae.parameters()) + list(self.text_encoder.parameters()):
             p.requires_grad_(False)
         if clip is not None:
@@ -65,6 +69,38 @@ class DiGSeg(nn.Module):
         for n, p in self.named_parameters():
             if n.startswith("unet.") or n.startswith("mlp."):
                 p.requires_grad_(n in names)
+
+    def train(self, mode=True):
+        """Only the trained parts change mode (gradient checkpointing acts in training mode); the
+        frozen VAE, text tower and CLIP always stay in eval mode."""
+        super().train(mode)
+        for frozen in (self.vae, self.text_encoder, self.clip):
+            if frozen is not None:
+                frozen.eval()
+        return self
+
+    def tune_for_cuda(self, frozen_dtype=None, compile=False):
+        """The same math, faster on a GPU (no-op elsewhere):
+        - channels_last: cuDNN's convolutions work in NHWC; in NCHW every convolution converts
+          (24 % of the U-Net's GPU time in a profile on an H100);
+        - the frozen VAE and text tower stored in `frozen_dtype` (bf16 when training under bf16
+          autocast), so their fp32 weights are not cast at every call;
+        - compile: torch.compile of the U-Net alone, with static shapes. Compiling the whole loss
+          (CPU generators, Python lists of prompts) recompiled at every step instead."""
+        if self.device.type != "cuda":
+            return self
+        self.unet.to(memory_format=torch.channels_last)
+        self.vae.to(memory_format=torch.channels_last)
+        if frozen_dtype is not None:
+            self.vae.to(frozen_dtype)
+            self.text_encoder.to(frozen_dtype)
+            if self.clip is not None:
+                self.clip.to(frozen_dtype)
+            self._prompt_cache.clear()
+            self._vocab_cache.clear()
+        if compile:
+            self.unet.compile(dynamic=False)
+        return self
 
     # ---- building and saving -------------------------------------------------------------
 
@@ -99,46 +135,79 @@ class DiGSeg(nn.Module):
 
     def save(self, out_dir):
         """The fine-tuned part only (trainable tensors, safetensors) + the config (JSON) that names
-        the frozen base weights. Both written atomically (temp file, fsync, rename)."""
+        the frozen base weights by absolute path, so the checkpoint loads from any working
+        directory. Both written atomically (temp file, fsync, rename)."""
         os.makedirs(out_dir, exist_ok=True)
         tensors = {n: p.detach().contiguous() for n, p in self.named_parameters() if p.requires_grad}
         tensors["unet.conv_in.weight"] = self.unet.conv_in.weight.detach().contiguous()  # always: 8-channel
         save_file_atomic(tensors, os.path.join(out_dir, "digseg.safetensors"))
-        _write_atomic(os.path.join(out_dir, "digseg.json"), json.dumps(asdict(self.cfg), indent=2))
+        cfg = asdict(self.cfg)
+        for key in ("sd2", "clip", "clip_vocab"):
+            cfg[key] = os.path.abspath(cfg[key]) if cfg[key] else ""
+        write_text_atomic(os.path.join(out_dir, "digseg.json"), json.dumps(cfg, indent=2))
 
     @staticmethod
-    def config_of(ckpt_dir):
-        """The DiGSegConfig saved in a checkpoint folder (digseg.json)."""
+    def config_of(ckpt_dir, sd2=None, clip=None):
+        """The DiGSegConfig saved in a checkpoint folder (digseg.json), its base paths resolved:
+        absolute as saved, or (older checkpoints) relative to the working directory or to the
+        checkpoint folder. sd2=/clip= point at the base weights where they have moved."""
         cfg_path = os.path.join(ckpt_dir, "digseg.json")
         if not os.path.isfile(cfg_path):
             raise WeightsError(f"{ckpt_dir}: not a DiGSeg checkpoint (expected digseg.json and digseg.safetensors)")
         with open(cfg_path) as f:
-            return DiGSegConfig(**json.load(f))
+            saved = json.load(f)
+        known = {f.name for f in fields(DiGSegConfig)}
+        unknown = sorted(set(saved) - known)
+        if unknown or "sd2" not in saved:
+            raise WeightsError(f"{cfg_path}: " + (f"unknown keys {unknown}" if unknown else "no 'sd2' key") +
+                               f"; a DiGSeg config has {', '.join(sorted(known))}")
+        saved.update({k: v for k, v in (("sd2", sd2), ("clip", clip)) if v})
+        for key, flag in (("sd2", "--sd2"), ("clip", "--clip"), ("clip_vocab", "--clip_vocab")):
+            if saved.get(key):
+                saved[key] = _base_path(saved[key], ckpt_dir, f"{cfg_path} names {key}={saved[key]!r}, which does "
+                                        f"not exist; if the weights moved, pass {flag}=NEW_PATH")
+        return DiGSegConfig(**saved)
 
     @classmethod
-    def from_checkpoint(cls, ckpt_dir, dtype=torch.float32, device="cpu"):
-        """A saved DiGSeg: the base weights named in digseg.json, then the fine-tuned tensors."""
-        cfg = cls.config_of(ckpt_dir)
+    def from_checkpoint(cls, ckpt_dir, dtype=torch.float32, device="cpu", sd2=None, clip=None):
+        """A saved DiGSeg: the base weights named in digseg.json, then the fine-tuned tensors, every
+        one of them: a tensor missing from digseg.safetensors is an error, not a random weight."""
+        cfg = cls.config_of(ckpt_dir, sd2, clip)
         model = cls._build(cfg, dtype, device)
         widen_conv_in(model.unet)
-        tuned = read_state_dict(os.path.join(ckpt_dir, "digseg.safetensors"))
+        path = os.path.join(ckpt_dir, "digseg.safetensors")
+        tuned = read_state_dict(path)
         own = dict(model.named_parameters())
         unknown = sorted(set(tuned) - set(own))
         if unknown:
-            raise WeightsError(f"{ckpt_dir}/digseg.safetensors: keys that are not DiGSeg parameters: {unknown[:8]}")
+            raise WeightsError(f"{path}: keys that are not DiGSeg parameters: {unknown[:8]}")
+        needed = {n for n, p in own.items() if p.requires_grad} | {"unet.conv_in.weight"}
+        missing = sorted(needed - set(tuned))
+        if missing:
+            raise WeightsError(f"{path}: {len(missing)} trained tensors missing (trainable={cfg.trainable}): "
+                               f"{missing[:8]}")
         with torch.no_grad():
             for n, v in tuned.items():
                 if own[n].shape != v.shape:
-                    raise WeightsError(f"{ckpt_dir}/digseg.safetensors: {n} has shape {tuple(v.shape)}, "
-                                       f"the model expects {tuple(own[n].shape)}")
+                    raise WeightsError(f"{path}: {n} has shape {tuple(v.shape)}, the model expects {tuple(own[n].shape)}")
                 own[n].copy_(v)
         return model
+
+    @staticmethod
+    def checkpoint_digest(ckpt_dir):
+        """sha256 of digseg.json and digseg.safetensors: what a result computed from them depends on."""
+        h = hashlib.sha256()
+        for name in ("digseg.json", "digseg.safetensors"):
+            with open(os.path.join(ckpt_dir, name), "rb") as f:
+                while chunk := f.read(1 << 24):
+                    h.update(chunk)
+        return h.hexdigest()
 
     # ---- Sec. 3.4: the latent pathway ---------------------------------------------------
 
     def encode_image(self, x):
         """x (B, 3, H, W) in [-1, 1] -> z_x (B, 4, h, w): the mean of the VAE posterior, scaled."""
-        return self.vae.encode(x)[0] * self.vae_scale
+        return self.vae.encode(x.to(self.vae_dtype))[0] * self.vae_scale
 
     def encode_mask(self, y):
         """y (B, H, W) in {0, 1} -> z_y (B, 4, h, w): the mask as an image, 2y - 1 on 3 channels."""
@@ -152,28 +221,33 @@ class DiGSeg(nn.Module):
     def vae_dtype(self):
         return next(self.vae.parameters()).dtype
 
+    @property
+    def unet_dtype(self):
+        return self.unet.conv_in.weight.dtype
+
     # ---- Sec. 3.5: the text conditioner ---------------------------------------------------
 
-    def text_hidden(self, prompts, cache=False):
-        """Frozen text tower: prompts -> (B, 77, D). Warns when a prompt is cut at 77 tokens."""
-        missing = [p for p in dict.fromkeys(prompts) if not (cache and p in self._text_cache)]
-        if missing:
-            ids = self.tokenizer(missing).to(self.device)
-            for p, n in zip(missing, self.tokenizer.token_counts(missing)):
+    def text_hidden(self, prompts):
+        """Frozen text tower: prompts -> (B, 77, D). The tower is frozen, so each prompt is encoded
+        once and kept; alone, so that its features do not depend on the prompts it came with (a
+        batched matmul rounds differently by batch size, which would break bit-identical resume).
+        Warns when a prompt is cut at 77 tokens."""
+        for p in dict.fromkeys(prompts):
+            if p not in self._prompt_cache:
+                ids = self.tokenizer([p]).to(self.device)                 # (1, 77)
+                n = self.tokenizer.token_counts([p])[0]
                 if n > ids.shape[1]:
                     warnings.warn(f"prompt {p[:60]!r} has {n} tokens; it is truncated to {ids.shape[1]}")
-            with torch.no_grad():
-                hidden = self.text_encoder(ids)
-            if not cache:
-                table = dict(zip(missing, hidden))
-                return torch.stack([table[p] for p in prompts])
-            self._text_cache.update(zip(missing, hidden))
-        return torch.stack([self._text_cache[p] for p in prompts])
+                with torch.no_grad():
+                    self._prompt_cache[p] = self.text_encoder(ids)[0]     # (77, D)
+        return torch.stack([self._prompt_cache[p] for p in prompts])
 
-    def context(self, prompts, cache=False):
+    def context(self, prompts):
         """prompts -> ctx (B, 77, 1024) for the U-Net cross-attention: MLP(CLIP(prompt)), Sec. 3.5."""
-        hidden = self.text_hidden(prompts, cache)
-        return hidden if self.mlp is None else self.mlp(hidden)
+        hidden = self.text_hidden(prompts)
+        if self.mlp is None:
+            return hidden.to(self.unet_dtype)
+        return self.mlp(hidden.to(self.mlp.fc1.weight.dtype))
 
     @property
     def device(self):
@@ -181,23 +255,22 @@ class DiGSeg(nn.Module):
 
     # ---- Sec. 3.6: training (Eq. 5, Eq. 6) -----------------------------------------------
 
-    def loss(self, images, masks, prompts, generator=None):
+    def loss(self, images, masks, prompts, generators):
         """images (B, 3, H, W) in [-1, 1], masks (B, H, W) in {0, 1}, prompts: B strings -> scalar.
 
-        generator: one torch.Generator for the batch, or a list of B (one per sample, so that a
-        sample's t and noise do not depend on the batch it is in; train.py uses this)."""
-        B, T = images.shape[0], len(self.alphas_cumprod)
+        generators: one torch.Generator per sample (train.py seeds them by (seed, epoch, index)), so
+        that a sample's t and noise do not depend on the batch it is in."""
+        if len(generators) != len(images):
+            raise ValueError(f"loss() needs one generator per sample: {len(generators)} for {len(images)} images")
+        T = len(self.alphas_cumprod)
         with torch.no_grad():
-            z_x = self.encode_image(images.to(self.vae_dtype))   # (B, 4, h, w)
+            z_x = self.encode_image(images)                       # (B, 4, h, w)
             z_y = self.encode_mask(masks)                         # (B, 4, h, w)
-        if isinstance(generator, (list, tuple)):
-            t = torch.cat([torch.randint(0, T, (1,), generator=g) for g in generator]).to(self.device)
-            eps = torch.cat([self.sample_noise((1, *z_y.shape[1:]), t[i:i + 1], g) for i, g in enumerate(generator)])
-        else:
-            t = torch.randint(0, T, (B,), generator=generator).to(self.device)  # t ~ U{0..T-1}
-            eps = self.sample_noise(z_y.shape, t, generator)       # App. A.1
+        t = torch.cat([torch.randint(0, T, (1,), generator=g) for g in generators])       # t ~ U{0..T-1}
+        eps = torch.cat([self.sample_noise(z_y.shape[1:], t[i], g) for i, g in enumerate(generators)])
+        t, eps = t.to(self.device), eps.to(self.device)
         z_t = add_noise(z_y.float(), eps, t, self.alphas_cumprod)  # Eq. 5
-        pred = self.unet(torch.cat([z_x, z_t.to(z_x.dtype)], dim=1), t, self.context(prompts))
+        pred = self.unet(torch.cat([z_x, z_t.to(z_x.dtype)], dim=1).to(self.unet_dtype), t, self.context(prompts))
         if self.cfg.target == "epsilon":
             target = eps
         elif self.cfg.target == "v_prediction":
@@ -206,18 +279,17 @@ class DiGSeg(nn.Module):
             target = z_y.float()
         return F.mse_loss(pred.float(), target)                   # Eq. 6
 
-    def forward(self, images, masks, prompts, generator=None):
+    def forward(self, images, masks, prompts, generators):
         """The training loss, so that DistributedDataParallel (which wraps forward) can be used."""
-        return self.loss(images, masks, prompts, generator)
+        return self.loss(images, masks, prompts, generators)
 
-    def sample_noise(self, shape, t, generator=None):
-        """Noise drawn on the CPU (seeded CPU generators give the same numbers on any device)."""
+    def sample_noise(self, shape, t, generator):
+        """The noise of one sample (1, C, h, w) at its timestep t, App. A.1. Drawn on the CPU from the
+        sample's own generator: the same numbers on any device, in any batch."""
         if self.cfg.noise == "gaussian":
-            eps = torch.randn(shape, generator=generator)
-        else:
-            eps = multires_noise(shape, t.cpu(), T=len(self.alphas_cumprod), strength=self.cfg.noise_strength,
-                                 annealed=self.cfg.noise == "multires_annealed", generator=generator)
-        return eps.to(self.device)
+            return torch.randn((1, *shape), generator=generator)
+        return multires_noise((1, *shape), t.reshape(1), T=len(self.alphas_cumprod), strength=self.cfg.noise_strength,
+                              annealed=self.cfg.noise == "multires_annealed", generator=generator)
 
     # ---- Sec. 3.7 and App. A.3 "Mask generation": inference --------------------------------
 
@@ -231,9 +303,11 @@ class DiGSeg(nn.Module):
         """
         if len(class_names) == 0:
             raise ValueError("segment() needs at least one class name")
+        if not isinstance(ensemble, int) or ensemble < 1:
+            raise ValueError(f"the ensemble size E must be an integer >= 1, got {ensemble!r}")
         x, (H, W), crop = self.prepare_image(image)                   # (1, 3, H', W') padded
-        z_x = self.encode_image(x.to(self.vae_dtype))                 # (1, 4, h, w)
-        ctx = self.context([self.cfg.prompt_template.format(c) for c in class_names], cache=True)  # (K, 77, C)
+        z_x = self.encode_image(x)                                    # (1, 4, h, w)
+        ctx = self.context([self.cfg.prompt_template.format(c) for c in class_names])   # (K, 77, C)
         K, E = len(class_names), ensemble
         noise = torch.stack([torch.randn(z_x.shape[1:], generator=torch.Generator().manual_seed(seed + e))
                              for e in range(E)]).to(self.device)     # (E, 4, h, w)
@@ -251,17 +325,25 @@ class DiGSeg(nn.Module):
         return F.interpolate(probs[None], size=(H, W), mode="bilinear", align_corners=False)[0].clamp(0, 1)
 
     def denoise(self, z_x, z_T, ctx, steps, spacing):
-        """S steps of deterministic DDIM from z_T (N, 4, h, w) for N (prompt, noise) pairs, Eq. 7.
+        """S steps of deterministic DDIM (Eq. 7) from z_T (N, 4, h, w) for N (prompt, noise) pairs
+        -> z_0 (N, 4, h, w). t_prev = t - T//S as in diffusers' DDIMScheduler; the last step goes
+        to alpha_bar = 1."""
+        for step in self.denoise_steps(z_x, z_T, ctx, steps, spacing):
+            pass
+        return step["z_prev"]
 
-        t_prev = t - T//S as in diffusers' DDIMScheduler; the last step goes to alpha_bar = 1."""
+    def denoise_steps(self, z_x, z_T, ctx, steps, spacing):
+        """The same as an iterator over the steps (model.diffusion.ddim_sample): for each, a dict of
+        t, z_t, pred (the U-Net's output), x0 (x0_hat) and z_prev, all (N, 4, h, w) in float32."""
+        cond = z_x.expand(len(z_T), -1, -1, -1)
+
+        def predict(z, t):   # U-Net input: cat([z_x, z_t]) on the channel axis, (N, 8, h, w)
+            return self.unet(torch.cat([cond, z.to(cond.dtype)], dim=1).to(self.unet_dtype), t.to(self.device),
+                             ctx).float()
+
         T = len(self.alphas_cumprod)
-        z = z_T.float()
-        cond = z_x.expand(len(z), -1, -1, -1)
-        for t in ddim_timesteps(steps, T, spacing):
-            pred = self.unet(torch.cat([cond, z.to(cond.dtype)], dim=1), t.to(self.device), ctx)
-            z = ddim_step(pred.float(), z, t, previous_timestep(t, steps, T), self.alphas_cumprod,
-                          self.cfg.target)
-        return z
+        yield from ddim_sample(predict, z_T.float(), ddim_timesteps(steps, T, spacing), self.alphas_cumprod,
+                               self.cfg.target, T)
 
     def prepare_image(self, image):
         """Any image -> (1, 3, H', W') in [-1, 1]: long side resized to cfg.resolution, then padded
@@ -306,11 +388,11 @@ class DiGSeg(nn.Module):
         return select_candidates(img[0], patches[0], text, vocabulary, tau_global, tau_patch)
 
     def vocabulary_embeddings(self, vocabulary, template):
-        key = ("clip-vocab", template, vocabulary)
-        if key not in self._text_cache:
+        key = (template, vocabulary)
+        if key not in self._vocab_cache:
             ids = self.clip.tokenizer([template.format(c) for c in vocabulary]).to(self.device)
-            self._text_cache[key] = self.clip.text(ids)[1]                 # (V, E) pooled + projected
-        return self._text_cache[key]
+            self._vocab_cache[key] = self.clip.text(ids)[1]                 # (V, E) pooled + projected
+        return self._vocab_cache[key]
 
 
 def select_candidates(image_embed, patch_embeds, text_embeds, vocabulary, tau_global=0.25, tau_patch=0.3):
@@ -418,30 +500,10 @@ class TextHidden(nn.Module):
         return self.clip.text(ids)[0]
 
 
-# ---- images in and out ----------------------------------------------------------------------
-
-def pil_to_tensor(img):
-    """Any PIL image -> (3, H, W) float in [-1, 1]. 16-bit and 32-bit modes are scaled by their
-    range (PIL's convert("RGB") would clip them), alpha is dropped, palettes and CMYK converted."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        a = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
-        a = np.repeat((a / top).clip(0, 1)[..., None], 3, axis=2)
-    else:
-        a = np.asarray(img.convert("RGB"), dtype=np.float64) / 255.0
-    return torch.from_numpy(a).permute(2, 0, 1).float() * 2 - 1
-
-
-def tensor_to_pil(x):
-    """(3, H, W) in [-1, 1] -> RGB PIL image."""
-    a = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-    return Image.fromarray(a)
-
-
-def _write_atomic(path, text):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _base_path(path, ckpt_dir, error):
+    """A base-weights path from digseg.json: as it is if it exists (absolute, or relative to the
+    working directory), else relative to the checkpoint folder."""
+    for candidate in (path, os.path.join(ckpt_dir, path)):
+        if os.path.exists(candidate):
+            return os.path.abspath(candidate)
+    raise WeightsError(error)

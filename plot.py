@@ -1,11 +1,17 @@
-"""Figures as PNG with Pillow only: line plots (loss curves, schedules, Fig. 8) and image grids.
+"""Figures as PNG with Pillow only: line plots (loss curves, schedules, Fig. 8), image grids,
+and segmentations (the class palette, label PNGs, overlays with a legend).
 
-Deliberately small: enough to look at a curve or a row of masks without matplotlib.
+Deliberately small: enough to look at a curve, a row of masks or a segmentation without matplotlib.
 """
 import math
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+           (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
+           (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195), (128, 128, 0), (255, 215, 180),
+           (0, 0, 128), (128, 128, 128)]
 
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
            (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
@@ -72,6 +78,56 @@ def image_grid(path, images, labels=None, cols=None, cell=128):
             d.text((c * cell + 2, r * (cell + 14) + 1), str(labels[i]), fill="black")
     grid.save(path)
     return grid
+
+
+def colour(k):
+    """The RGB colour of class k in every segmentation figure."""
+    return PALETTE[k % len(PALETTE)]
+
+
+def label_png(labels, n_classes):
+    """labels (H, W) with -1 = background -> palette PNG (P mode), 255 = background."""
+    a = np.asarray(labels).astype(np.int64)
+    img = Image.fromarray(np.where(a < 0, 255, a).astype(np.uint8), mode="P")
+    img.putpalette([v for k in range(256) for v in (colour(k) if k < n_classes else (0, 0, 0))])
+    return img
+
+
+def overlay(image, labels, names, alpha=0.5, min_side=256):
+    """The labels (H, W) blended over the image (PIL), with a legend strip on the right naming the
+    classes. Images smaller than min_side (the toy world's 64 px) are enlarged by a whole factor,
+    nearest. Pixels of no class (-1) and ignored ones (>= len(names)) stay as they are."""
+    a = np.asarray(labels)
+    zoom = -(-min_side // max(a.shape))              # ceil: 64 px -> x4
+    if zoom > 1:
+        image = image.resize((image.width * zoom, image.height * zoom), Image.NEAREST)
+        a = a.repeat(zoom, axis=0).repeat(zoom, axis=1)
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
+    col = np.zeros_like(rgb)
+    for k in range(len(names)):
+        col[a == k] = colour(k)
+    fg = ((a >= 0) & (a < len(names)))[..., None]
+    out = np.where(fg, (1 - alpha) * rgb + alpha * col, rgb).astype(np.uint8)
+    H, W = a.shape
+    shown = [k for k in range(len(names)) if (a == k).any()]
+    legend_w = 12 + 7 * max([len(names[k]) for k in shown] + [10])
+    canvas = Image.new("RGB", (W + legend_w, max(H, 16 * len(shown) + 8)), "white")
+    canvas.paste(Image.fromarray(out), (0, 0))
+    d = ImageDraw.Draw(canvas)
+    for row, k in enumerate(shown):
+        d.rectangle([W + 4, 4 + 16 * row, W + 14, 14 + 16 * row], fill=colour(k))
+        d.text((W + 18, 3 + 16 * row), names[k], fill="black")
+    return canvas
+
+
+def side_by_side(*images):
+    """PIL images pasted left to right on white (prediction | ground truth)."""
+    canvas = Image.new("RGB", (sum(im.width for im in images), max(im.height for im in images)), "white")
+    x = 0
+    for im in images:
+        canvas.paste(im, (x, 0))
+        x += im.width
+    return canvas
 
 
 def _fmt(v):

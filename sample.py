@@ -4,7 +4,8 @@
     python sample.py photos/ --checkpoint=... --vocab=ade150          # CLIP proposes the classes
     python sample.py img.png --checkpoint=... --classes_file=my_classes.txt --ensemble=8 --steps=2
 
-For each image it writes, under --out:
+For each image it writes, under --out (NAME = the image's path below the inputs' common folder,
+without its extension unless two inputs would share a name: x.jpg and x.png):
   NAME_labels.png    palette PNG at the original size: value k = k-th class in NAME.json, 255 = background
   NAME_prob_CLASS.png  the per-class probability map M_c (0..255)
   NAME_overlay.png   the labels blended over the image, with a legend naming the classes
@@ -12,6 +13,7 @@ For each image it writes, under --out:
 An unreadable image is reported and skipped; the others are still written and the exit code is 1.
 """
 import argparse
+import collections
 import glob
 import json
 import os
@@ -20,126 +22,98 @@ import time
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from data import load_rgb
+from data import CLASSES_DIR, IMAGE_SUFFIXES, DataError, first_name, load_rgb, read_class_file
 from digseg import DiGSeg, aggregate, binary_mask
-
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
-PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-           (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
-           (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195), (128, 128, 0), (255, 215, 180),
-           (0, 0, 128), (128, 128, 128)]
-
-
-def colour(k):
-    return PALETTE[k % len(PALETTE)]
+from launch import DTYPES, UsageError, pick_device, positive_int, run
+from plot import label_png, overlay
 
 
 def expand_inputs(inputs):
-    """Files, folders (their images, sorted) and glob patterns -> a list of paths."""
+    """Files, folders (their images, sorted) and glob patterns -> a list of paths, each once."""
     paths = []
     for item in inputs:
         if os.path.isdir(item):
-            paths += sorted(os.path.join(item, f) for f in os.listdir(item) if f.lower().endswith(IMAGE_EXTS))
+            paths += sorted(os.path.join(item, f) for f in os.listdir(item) if f.lower().endswith(IMAGE_SUFFIXES))
         elif any(ch in item for ch in "*?["):
             paths += sorted(glob.glob(item))
         else:
             paths.append(item)
-    return paths
+    return list(dict.fromkeys(os.path.normpath(p) for p in paths))
+
+
+def output_names(paths):
+    """One output name per input, never shared: the path below the inputs' common folder without
+    its extension (photos/a/x.jpg -> a/x); where two inputs would share a name (x.jpg and x.png),
+    both keep their extension (x.jpg, x.png)."""
+    absolute = [os.path.abspath(p) for p in paths]
+    root = os.path.commonpath([os.path.dirname(a) for a in absolute])
+    relative = [os.path.relpath(a, root) for a in absolute]
+    stems = [os.path.splitext(r)[0] for r in relative]
+    count = collections.Counter(stems)
+    return [r if count[s] > 1 else s for r, s in zip(relative, stems)]
 
 
 def read_classes(args):
+    """-> (class names, whether CLIP proposes among them)."""
     if args.classes:
         return [c.strip() for c in args.classes.split(",") if c.strip()], False
     if args.classes_file:
-        with open(args.classes_file) as f:
-            return [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")], False
+        return [first_name(c) for c in read_class_file(args.classes_file)], False
     if args.vocab:
-        path = args.vocab if os.path.isfile(args.vocab) else os.path.join(os.path.dirname(__file__), "classes", f"{args.vocab}.txt")
+        path = args.vocab if os.path.isfile(args.vocab) else CLASSES_DIR / f"{args.vocab}.txt"
         if not os.path.isfile(path):
-            raise SystemExit(f"--vocab={args.vocab}: neither a file nor a vocabulary in classes/ ({path})")
-        with open(path) as f:
-            return [ln.strip().split(",")[0].strip() for ln in f if ln.strip() and not ln.startswith("#")], True
-    raise SystemExit("give the classes: --classes=a,b,c or --classes_file=FILE or --vocab=NAME (CLIP proposes)")
-
-
-def label_png(labels, n_classes):
-    """labels (H, W) with -1 = background -> palette PNG (P mode), 255 = background."""
-    a = labels.numpy().astype(np.int64)
-    img = Image.fromarray(np.where(a < 0, 255, a).astype(np.uint8), mode="P")
-    pal = [v for k in range(256) for v in (colour(k) if k < n_classes else (0, 0, 0))]
-    img.putpalette(pal)
-    return img
-
-
-def overlay(image, labels, names, alpha=0.5, min_side=256):
-    """The labels blended over the image, with a legend strip on the right naming the classes.
-    Images smaller than min_side (the toy world's 64 px) are enlarged by a whole factor, nearest."""
-    a = labels.numpy()
-    zoom = -(-min_side // max(a.shape))              # ceil: 64 px -> x4
-    if zoom > 1:
-        image = image.resize((image.width * zoom, image.height * zoom), Image.NEAREST)
-        a = a.repeat(zoom, axis=0).repeat(zoom, axis=1)
-    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
-    col = np.zeros_like(rgb)
-    for k in range(len(names)):
-        col[a == k] = colour(k)
-    fg = ((a >= 0) & (a < len(names)))[..., None]   # no class (-1) and ignored pixels stay as they are
-    out = np.where(fg, (1 - alpha) * rgb + alpha * col, rgb).astype(np.uint8)
-    H, W = a.shape
-    shown = [k for k in range(len(names)) if (a == k).any()]
-    legend_w = 12 + 7 * max([len(names[k]) for k in shown] + [10])
-    canvas = Image.new("RGB", (W + legend_w, max(H, 16 * len(shown) + 8)), "white")
-    canvas.paste(Image.fromarray(out), (0, 0))
-    d = ImageDraw.Draw(canvas)
-    for row, k in enumerate(shown):
-        d.rectangle([W + 4, 4 + 16 * row, W + 14, 14 + 16 * row], fill=colour(k))
-        d.text((W + 18, 3 + 16 * row), names[k], fill="black")
-    return canvas
+            raise UsageError(f"--vocab={args.vocab}: neither a file nor a vocabulary in classes/ ({path})")
+        return [first_name(c) for c in read_class_file(path)], True
+    raise UsageError("give the classes: --classes=a,b,c or --classes_file=FILE or --vocab=NAME (CLIP proposes)")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
     p.add_argument("--checkpoint", required=True, help="a DiGSeg checkpoint folder (digseg.json + digseg.safetensors)")
+    p.add_argument("--sd2", default="", help="the SD2 base weights, where they moved since training")
+    p.add_argument("--clip", default="", help="the CLIP base weights, where they moved since training")
     p.add_argument("--classes", default="", help="comma-separated class names")
     p.add_argument("--classes_file", default="", help="a file with one class name per line")
     p.add_argument("--vocab", default="", help="a vocabulary (classes/NAME.txt or a file); CLIP proposes candidates (App. A.3)")
     p.add_argument("--out", default="out/sample")
-    p.add_argument("--ensemble", type=int, default=8, help="E, noise seeds averaged in latent space")
-    p.add_argument("--steps", type=int, default=1, help="S, DDIM steps")
+    p.add_argument("--ensemble", type=positive_int, default=8, help="E, noise seeds averaged in latent space")
+    p.add_argument("--steps", type=positive_int, default=1, help="S, DDIM steps")
     p.add_argument("--spacing", default="trailing", choices=["trailing", "leading", "linspace"])
     p.add_argument("--tau", type=float, default=0.7, help="threshold of one class's binary mask")
     p.add_argument("--tau_bg", type=float, default=0.5, help="background where the best class is below this")
     p.add_argument("--tau_global", type=float, default=0.25, help="CLIP image-text cosine to propose a class")
     p.add_argument("--tau_patch", type=float, default=0.3, help="CLIP best-patch cosine to propose a class")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    p.add_argument("--debug", default="0", help="1: show the traceback of an error")
     args = p.parse_args(argv)
 
     names, propose = read_classes(args)
     paths = expand_inputs(args.inputs)
     if not paths:
-        raise SystemExit(f"no images found in {args.inputs}")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    model = DiGSeg.from_checkpoint(args.checkpoint, dtype=dtype, device=args.device).eval()
-    os.makedirs(args.out, exist_ok=True)
+        raise UsageError(f"no images found in {args.inputs}")
+    device = pick_device(args.device)
+    model = DiGSeg.from_checkpoint(args.checkpoint, dtype=DTYPES[args.dtype], device=device, sd2=args.sd2 or None,
+                                   clip=args.clip or None).eval().tune_for_cuda()
     failed = []
-    for i, path in enumerate(paths):
+    for i, (path, name) in enumerate(zip(paths, output_names(paths))):
         t0 = time.time()
         try:
             image = load_rgb(path)
-        except Exception as e:  # any unreadable file: report it and go on with the others
+        except DataError as e:  # an unreadable file: report it and go on with the others
             failed.append(path)
-            print(f"[{i + 1}/{len(paths)}] {path}: cannot read image ({e}); skipped", file=sys.stderr)
+            print(f"[{i + 1}/{len(paths)}] {e}; skipped", file=sys.stderr)
             continue
         scores = {}
         classes = names
         if propose:
             classes, scores = model.propose_classes(image, names, args.tau_global, args.tau_patch)
-        stem = os.path.join(args.out, os.path.splitext(os.path.basename(path))[0])
+        stem = os.path.join(args.out, name)
+        os.makedirs(os.path.dirname(stem), exist_ok=True)
         found = []
         if classes:
             probs = model.segment(image, classes, ensemble=args.ensemble, steps=args.steps,
@@ -167,4 +141,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

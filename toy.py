@@ -1,18 +1,23 @@
 """The toy world: the whole of DiGSeg trained and evaluated on a CPU in minutes.
 
     python toy.py                  # pretrain a tiny VAE and CLIP, fine-tune DiGSeg, segment, evaluate
+    python toy.py --help
 
 Stable Diffusion's VAE and CLIP were pretrained on web images before anyone segmented with
 them. Here the same model classes, in tiny configurations, are pretrained on a procedural
 world of coloured shapes (data.toy_scene) and saved in the formats the real loaders read
 (a diffusers SD2 folder, an HF CLIP folder with a BPE vocabulary trained by `tokenizers`).
-Then DiGSeg is fine-tuned on top with train.py's `toy` preset -- the same digseg.py and
-train.py as on A100s -- and evaluated with eval.py on the toy validation split.
+Then DiGSeg is fine-tuned on top by running train.py with its `toy` preset -- the same digseg.py
+and train.py as on A100s -- and evaluated by running eval.py on the toy validation split.
 
-Stages are skipped when their output already exists (delete out/toy to start over).
+Each stage records its settings in <its folder>/toy_stage.json and is skipped when they match
+(delete out/toy to start over); a stage whose settings changed is rebuilt, and the stages after it.
+DIGSEG_TOY_QUICK=1 (the tests, and notebooks under test) builds a quick world with few steps.
 """
 import argparse
+import json
 import os
+import subprocess
 import sys
 import time
 
@@ -21,14 +26,15 @@ import torch
 import torch.nn.functional as F
 
 import data
-import eval as evaluation
-import train
 from digseg import mask_to_image
+from launch import run
 from model.clip import CLIP, MEAN, STD, CLIPConfig, CLIPTextConfig, CLIPVisionConfig, train_bpe
 from model.unet import UNet2DCondition, UNetConfig
 from model.vae import AutoencoderKL, VAEConfig
-from model.weights import save_clip_folder, save_sd2_folder
+from model.weights import save_clip_folder, save_sd2_folder, write_text_atomic
 from plot import image_grid, line_plot
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 # ---- the tiny models: same classes as SD2 and CLIP, small configurations -----------------------
 
@@ -50,7 +56,7 @@ def log(msg):
 
 
 def scenes(seed, n, size=64):
-    """n toy scenes as tensors: images (n, 3, S, S) in [-1, 1], labels (n, S, S) (255 = none)."""
+    """n toy scenes as tensors: images (n, 3, S, S) in [-1, 1], labels (n, S, S) (-1 = no shape)."""
     imgs, labs = zip(*(data.toy_scene(seed, i, size) for i in range(n)))
     x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1
     return x, torch.from_numpy(np.stack(labs)).long()
@@ -58,7 +64,7 @@ def scenes(seed, n, size=64):
 
 # ---- stage 1: the VAE, an autoencoder of toy images and of toy masks ---------------------------
 
-def pretrain_vae(out, steps, batch=32, crop=32, seed=0):
+def pretrain_vae(steps, batch=32, crop=32, seed=0):
     """Reconstruct images and masks (2y - 1 on 3 channels, what DiGSeg will feed it), with a small
     KL term as in SD's VAE. The latent scale is set afterwards to 1 / std of image latents (as SD's
     0.18215 was chosen), so the diffusion sees unit-variance latents.
@@ -149,27 +155,55 @@ def pretrain_clip(out, steps, batch=64, seed=0):
 QUICK = dict(vae_steps=40, clip_steps=40, train_steps=40)     # the tests and notebooks under test
 
 
+def stage_is_built(folder, settings):
+    """Whether `folder` holds a stage built with exactly these settings (toy_stage.json)."""
+    path = os.path.join(folder, "toy_stage.json")
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        built = json.load(f)
+    if built != settings:
+        log(f"{folder} was built with {built}; rebuilding it with {settings}")
+    return built == settings
+
+
+def mark_built(folder, settings):
+    write_text_atomic(os.path.join(folder, "toy_stage.json"), json.dumps(settings))
+
+
+def run_script(script, *flags):
+    """Run train.py or eval.py as its own process (scripts do not import each other)."""
+    cmd = [sys.executable, os.path.join(HERE, script), *flags]
+    code = subprocess.run(cmd).returncode
+    if code != 0:
+        raise SystemExit(f"toy: {' '.join(cmd)} failed with exit code {code} (its error is above)")
+
+
 def build_world(out="out/toy", vae_steps=1500, clip_steps=600, train_steps=1500):
-    """Stages 1-3, each skipped when its output exists. Returns the DiGSeg checkpoint folder."""
-    sd2_dir, clip_dir = os.path.join(out, "sd2"), os.path.join(out, "clip")
-    if not os.path.isfile(os.path.join(sd2_dir, "vae", "config.json")):
+    """Stages 1-3, each skipped when built with the same settings. Returns the DiGSeg checkpoint folder."""
+    sd2_dir, clip_dir, run_dir = (os.path.join(out, n) for n in ("sd2", "clip", "digseg"))
+    stage1, stage2 = {"vae_steps": vae_steps}, {"clip_steps": clip_steps}
+    stage3 = {**stage1, **stage2, "train_steps": train_steps}
+    if not stage_is_built(sd2_dir, stage1):
         log("stage 1/4: pretraining the toy VAE on images and masks")
-        vae, curve = pretrain_vae(out, vae_steps)
+        vae, curve = pretrain_vae(vae_steps)
         unet = UNet2DCondition(TOY_UNET)          # the U-Net starts from scratch: there is no toy text-to-image stage
         save_sd2_folder(sd2_dir, unet, vae, prediction="v_prediction")
         line_plot(os.path.join(out, "vae_loss.png"), {"vae": (range(len(curve)), curve)}, title="toy VAE", logy=True)
-    if not os.path.isfile(os.path.join(clip_dir, "config.json")):
+        mark_built(sd2_dir, stage1)
+    if not stage_is_built(clip_dir, stage2):
         log("stage 2/4: pretraining the toy CLIP (sigmoid image-text loss)")
         clip, vocab_dir, threshold = pretrain_clip(out, clip_steps)
         save_clip_folder(clip_dir, clip, vocab_dir)
         with open(os.path.join(clip_dir, "toy_threshold.txt"), "w") as f:   # for class proposals (App. A.3)
             f.write(f"{threshold}\n")
-    ckpt = os.path.join(out, "digseg", "checkpoint")
-    if not os.path.isdir(ckpt):
-        log("stage 3/4: fine-tuning DiGSeg with train.py --preset=toy")
-        train.train(train.parse_args(["--preset=toy", f"--max_steps={train_steps}", f"--sd2={sd2_dir}",
-                                      f"--clip={clip_dir}", f"--out_dir={os.path.join(out, 'digseg')}"]))
-    return ckpt
+        mark_built(clip_dir, stage2)
+    if not stage_is_built(run_dir, stage3):
+        log("stage 3/4: fine-tuning DiGSeg: python train.py --preset=toy")
+        run_script("train.py", "--preset=toy", f"--max_steps={train_steps}", f"--sd2={sd2_dir}", f"--clip={clip_dir}",
+                   f"--out_dir={run_dir}", "--overwrite=1")
+        mark_built(run_dir, stage3)
+    return os.path.join(run_dir, "checkpoint")
 
 
 def ensure():
@@ -186,17 +220,20 @@ def main(argv=None):
     p.add_argument("--clip_steps", type=int, default=600)
     p.add_argument("--train_steps", type=int, default=1500)
     p.add_argument("--val_images", type=int, default=100)
+    p.add_argument("--debug", default="0", help="1: show the traceback of an error")
     args = p.parse_args(argv)
     t_start = time.time()
     ckpt = build_world(args.out, args.vae_steps, args.clip_steps, args.train_steps)
-    log("stage 4/4: segmenting and evaluating the validation split (E = 1, S = 1, trailing)")
-    scores = evaluation.main([f"--checkpoint={ckpt}", "--dataset=toy", f"--limit={args.val_images}",
-                              "--ensemble=1", "--steps=1", "--spacing=trailing", f"--out={args.out}/eval",
-                              "--overlays=8"])
+    log("stage 4/4: segmenting and evaluating the validation split (E = 1, S = 1, trailing): python eval.py")
+    run_script("eval.py", f"--checkpoint={ckpt}", "--dataset=toy", f"--limit={args.val_images}", "--ensemble=1",
+               "--steps=1", "--spacing=trailing", f"--out={args.out}/eval", "--overlays=8")
+    with open(os.path.join(args.out, "eval", "metrics_main.json")) as f:
+        scores = json.load(f)
     log(f"toy val mIoU {scores['miou_gt']:.4f} (E=1, S=1 trailing, {args.val_images} images) in "
         f"{(time.time() - t_start) / 60:.1f} min; overlays in {args.out}/eval/")
+    log(f"next: python sample.py YOUR_IMAGES --checkpoint={ckpt} --classes=circle,square,triangle,star,ring,bar")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

@@ -4,10 +4,17 @@
     torchrun --nproc_per_node=8 train.py --preset=ade20k --sd2=PATH --clip=PATH --out_dir=out/ade
     python train.py --resume=out/ade                               # continues exactly where it stopped
     python train.py --preset=ade20k --sd2=PATH --clip=PATH --dry_run=1   # check the setup, one step
+    python train.py --help                                         # every setting, from `Settings`
 
 Every field of `Settings` is a `--key=value` flag. DDP comes from the torchrun environment
 (RANK, LOCAL_RANK, WORLD_SIZE); only rank 0 logs and saves. Total batch = batch_size x GPUs x
 grad_accum (the paper: 16 = 2 x 8 x 1, 512 x 512, AdamW lr 1e-4, 30k steps).
+
+Checkpoints: out_dir/checkpoint/ is always the newest; the `keep` - 1 before it stay beside it as
+checkpoint-<step>/. Each holds digseg.safetensors + digseg.json (what sample.py and eval.py load),
+train_state.pt (optimizer, RNG, data position), settings.json and progress.json. A fresh run
+refuses an out_dir that holds checkpoints unless --overwrite=1; --resume writes into the run's
+folder, or into --out_dir when given.
 
 Reproducibility: the data order comes from a seeded DistributedSampler per epoch, augmentation
 and the class drawn per sample are seeded by (seed, epoch, index) in data.py, and the timestep
@@ -20,7 +27,6 @@ import math
 import os
 import resource
 import shutil
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
@@ -31,8 +37,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
 import data
-from digseg import DiGSeg, aggregate
-from eval import confusion_matrix, miou
+from digseg import NOISE_TYPES, TRAINABLE_SETS, DiGSeg, aggregate
+from launch import (DTYPES, UsageError, apply_flags, run, settings_help, split_flags, start_processes, stop_processes,
+                    wants_help)
+from metrics import confusion_matrix, miou
+from model.diffusion import PREDICTIONS
+from model.weights import torch_save_atomic, write_text_atomic
 from plot import line_plot
 
 
@@ -42,18 +52,19 @@ class Settings:
     sd2: str = ""                    # diffusers SD2 folder or single-file checkpoint
     clip: str = ""                   # CLIP folder / OpenAI .pt (text conditioner)
     clip_vocab: str = ""             # bpe_simple_vocab_16e6.txt.gz for OpenAI .pt files
-    text: str = "clip"               # clip | sd2
-    trainable: str = "all"           # all | paper (App. A.2)
-    noise: str = "multires_annealed"  # gaussian | multires | multires_annealed (Table 4)
-    target: str = "epsilon"          # epsilon | v_prediction | sample
+    text: str = "clip"               # CLIP text tower + MLP (Sec. 3.5), or SD2's own text encoder
+    trainable: str = "all"           # the whole U-Net + MLP, or the App. A.2 set
+    noise: str = "multires_annealed"  # Table 4's noise types
+    target: str = "epsilon"          # what the U-Net predicts (the paper: epsilon)
     resolution: int = 512            # inference resolution (validation)
     # data (data.py)
-    dataset: str = "toy"             # toy | ade150 | ade847 | pc59 | pc459 | cocostuff171 | cityscapes19 | folder | ...
+    dataset: str = "toy"             # toy, a benchmark of data.DATASETS, or folder (your own)
     data_root: str = "data"
     size: int = 512                  # training crop (the paper: 512)
     fraction: float = 1.0            # data-efficiency experiment: 1, 1/2, ... 1/16 (fixed, seeded subset)
     prompt_template: str = "a photo of a {}."
     p_absent: float = 0.0            # probability of drawing an absent class with an empty mask
+    check_data: bool = True          # read every label map once before step 1 (not for the toy world)
     # optimisation
     batch_size: int = 2              # per process
     grad_accum: int = 1
@@ -61,16 +72,18 @@ class Settings:
     lr: float = 1e-4
     weight_decay: float = 1e-2
     warmup_steps: int = 0
-    decay: str = "constant"          # constant | cosine | linear (after warmup, down to min_lr)
+    decay: str = "constant"          # after warmup, down to min_lr at max_steps
     min_lr: float = 0.0
     grad_clip: float = 1.0           # 0 = off
-    dtype: str = "bf16"              # fp32 | bf16 | fp16 (autocast; GradScaler only for fp16)
-    grad_checkpointing: bool = False
-    compile: bool = False
+    dtype: str = "bf16"              # autocast dtype; GradScaler only for fp16
+    grad_checkpointing: bool = False  # recompute U-Net activations in the backward pass: less memory
+    compile: bool = False            # torch.compile the U-Net (static shapes; the first steps compile)
     # bookkeeping
     out_dir: str = "out/train"
+    overwrite: bool = False          # a fresh run may replace the checkpoints in out_dir
+    keep: int = 2                    # checkpoints kept in out_dir (checkpoint/ + keep - 1 older)
     seed: int = 0
-    device: str = "auto"             # auto | cpu | cuda
+    device: str = "auto"             # or cuda:N
     num_workers: int = 2
     log_every: int = 10
     save_every: int = 1000
@@ -78,9 +91,15 @@ class Settings:
     val_images: int = 8
     max_bad_steps: int = 20          # consecutive non-finite losses before stopping
     stop_after: int = 0              # stop this run after N steps (a time-boxed job); --resume goes on
-    resume: str = ""                 # an out_dir to continue
+    resume: str = ""                 # a run's out_dir (its newest checkpoint) or one checkpoint folder
+    world_change: bool = False       # resume with another number of processes (changes the data order)
     dry_run: bool = False            # build from the weights, run one step at batch 1, report, exit
+    debug: bool = False              # show tracebacks of errors
 
+
+CHOICES = {"text": ("clip", "sd2"), "trainable": TRAINABLE_SETS, "noise": NOISE_TYPES, "target": PREDICTIONS,
+           "dataset": ("toy", *data.DATASETS), "decay": ("constant", "cosine", "linear"), "dtype": tuple(DTYPES),
+           "device": ("auto", "cpu", "cuda")}
 
 PRESETS = {
     # The toy world: tiny models pretrained on procedural shapes; trains on a CPU in minutes.
@@ -102,29 +121,36 @@ PRESETS = {
 
 
 def parse_args(argv):
-    """--preset=NAME first, then --key=value overrides, typed by the Settings fields."""
-    kv = {}
-    for a in argv:
-        if not a.startswith("--") or "=" not in a:
-            raise SystemExit(f"arguments look like --key=value, got {a!r}")
-        k, v = a[2:].split("=", 1)
-        kv[k] = v
+    """--preset=NAME first, then --key=value overrides, typed and checked by the Settings fields.
+    --resume=DIR starts from the settings the run was started with (then the overrides)."""
+    if wants_help(argv):
+        print(settings_help(Settings, CHOICES, PRESETS, __doc__))
+        raise SystemExit(0)
+    kv = split_flags(argv)
     preset = kv.pop("preset", None)
     if preset is not None and preset not in PRESETS:
-        raise SystemExit(f"unknown preset {preset!r}; valid: {', '.join(PRESETS)}")
-    s = Settings(**PRESETS.get(preset, {}))
-    if "resume" in kv:                  # continue with the settings the run was started with
-        with open(os.path.join(find_checkpoint(kv["resume"]), "settings.json")) as f:
-            s = Settings(**{**json.load(f), "stop_after": 0})
-    types = {f.name: f.type for f in fields(Settings)}
-    for k, v in kv.items():
-        if k not in types:
-            raise SystemExit(f"unknown setting --{k}; valid: {', '.join(types)}")
-        t = types[k]
-        setattr(s, k, v.lower() in ("1", "true", "yes") if t in (bool, "bool") else
-                (int(v) if t in (int, "int") else float(v) if t in (float, "float") else v))
+        raise UsageError(f"--preset={preset}: unknown preset; valid: {', '.join(PRESETS)}")
+    if "resume" in kv:
+        ckpt = find_checkpoint(kv["resume"])
+        with open(os.path.join(ckpt, "settings.json")) as f:
+            saved = json.load(f)
+        unknown = sorted(set(saved) - {f.name for f in fields(Settings)})
+        if unknown:
+            raise UsageError(f"{ckpt}/settings.json: unknown settings {unknown}")
+        s = Settings(**saved)
+        s.out_dir, s.stop_after, s.overwrite, s.dry_run = os.path.dirname(ckpt), 0, False, False
+    else:
+        s = Settings(**PRESETS.get(preset, {}))
+    s = apply_flags(s, kv, CHOICES)
+    for key in ("sd2", "clip", "clip_vocab"):       # absolute, so a resume from elsewhere finds them
+        setattr(s, key, os.path.abspath(getattr(s, key)) if getattr(s, key) else "")
+    for key in ("batch_size", "grad_accum", "max_steps", "keep", "log_every", "save_every", "max_bad_steps"):
+        if getattr(s, key) < 1:
+            raise UsageError(f"--{key}={getattr(s, key)}: expected an integer >= 1")
     return s
 
+
+# ---- schedule, seeds, data order ------------------------------------------------------------------
 
 def lr_at(step, s):
     """Linear warmup, then constant / cosine / linear decay to min_lr at max_steps."""
@@ -150,32 +176,111 @@ def epoch_batches(sampler, epoch, batch_size):
     return [idx[i:i + batch_size] for i in range(0, len(idx) - batch_size + 1, batch_size)]
 
 
+def batch_stream(train_set, sampler, s, epoch, position):
+    """(epoch, position, indices, batch) from a saved data position onwards, forever; `position`
+    is the number of this epoch's batches consumed, this one included (what a checkpoint saves)."""
+    while True:
+        plan = epoch_batches(sampler, epoch, s.batch_size)
+        train_set.set_epoch(epoch)
+        loader = DataLoader(train_set, batch_sampler=plan[position:], num_workers=s.num_workers,
+                            collate_fn=data.collate)
+        for indices, batch in zip(plan[position:], loader):
+            position += 1
+            yield epoch, position, indices, batch
+        epoch, position = epoch + 1, 0
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------
+
+def checkpoints(out_dir):
+    """[(step, folder)] of the complete checkpoints in out_dir, oldest first."""
+    found = []
+    for name in sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []:
+        folder = os.path.join(out_dir, name)
+        if (name == "checkpoint" or name.startswith("checkpoint-")) and os.path.isfile(
+                os.path.join(folder, "train_state.pt")):
+            found.append((checkpoint_step(folder), folder))
+    return sorted(found)
+
+
+def checkpoint_step(folder):
+    """The step of a checkpoint, from its progress.json (older checkpoints: from train_state.pt)."""
+    if os.path.isfile(os.path.join(folder, "progress.json")):
+        with open(os.path.join(folder, "progress.json")) as f:
+            return json.load(f)["step"]
+    return torch.load(os.path.join(folder, "train_state.pt"), map_location="cpu", weights_only=True)["step"]
+
+
+def find_checkpoint(path):
+    """A checkpoint folder, or a run's out_dir -> its newest checkpoint."""
+    if os.path.isfile(os.path.join(path, "train_state.pt")):
+        return os.path.normpath(path)
+    found = checkpoints(path)
+    if not found:
+        raise UsageError(f"--resume={path}: neither a checkpoint folder (with train_state.pt) nor a run folder "
+                         f"holding checkpoint/")
+    return found[-1][1]
+
+
 def save_checkpoint(out_dir, model, state, s):
-    """Atomic: everything goes to checkpoint.tmp/ (each file fsynced), which then replaces
-    checkpoint/ by renames, so a crash at any moment leaves one complete checkpoint."""
-    tmp, final, old = (os.path.join(out_dir, n) for n in ("checkpoint.tmp", "checkpoint", "checkpoint.old"))
+    """Atomic: everything goes to checkpoint.tmp/ (each file fsynced); then the newest checkpoint/
+    becomes checkpoint-<its step>/ and checkpoint.tmp/ becomes checkpoint/, by renames, so a crash
+    at any moment leaves complete checkpoints. Keeps the newest `s.keep`."""
+    tmp, final = os.path.join(out_dir, "checkpoint.tmp"), os.path.join(out_dir, "checkpoint")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save(tmp)                                   # trainable weights (safetensors) + config (JSON)
-    torch.save(state, os.path.join(tmp, "train_state.pt"))  # optimizer, scaler, RNG, data position
-    with open(os.path.join(tmp, "settings.json"), "w") as f:
-        json.dump(asdict(s), f, indent=2)
-    for name in ("train_state.pt", "settings.json"):
-        with open(os.path.join(tmp, name), "rb") as f:
-            os.fsync(f.fileno())
-    if os.path.isdir(final):
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
+    torch_save_atomic(state, os.path.join(tmp, "train_state.pt"))  # optimizer, scaler, RNG, data position
+    write_text_atomic(os.path.join(tmp, "settings.json"), json.dumps(asdict(s), indent=2))
+    write_text_atomic(os.path.join(tmp, "progress.json"), json.dumps(
+        {"step": state["step"], "loss": state["losses"][-1][1] if state["losses"] else None}, indent=2))
+    for step, folder in checkpoints(out_dir):
+        if folder == final:
+            os.replace(final, os.path.join(out_dir, f"checkpoint-{step:07d}"))
     os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    for _, folder in checkpoints(out_dir)[:-s.keep]:
+        shutil.rmtree(folder)
 
 
-def find_checkpoint(out_dir):
-    for name in ("checkpoint", "checkpoint.old"):    # .old only if a crash hit between the renames
-        d = os.path.join(out_dir, name)
-        if os.path.isfile(os.path.join(d, "train_state.pt")):
-            return d
-    raise SystemExit(f"--resume={out_dir}: no checkpoint/ with train_state.pt in it")
+def prepare_out_dir(s, resumed_from):
+    """Refuse to overwrite a run by mistake: a fresh run into an out_dir with checkpoints, or a
+    resume from an older checkpoint of a run that has newer ones (they would be replaced)."""
+    existing = checkpoints(s.out_dir)
+    later = [f for step, f in existing if resumed_from is None or step > resumed_from[0]]
+    if resumed_from is not None and os.path.abspath(os.path.dirname(resumed_from[1])) != os.path.abspath(s.out_dir):
+        later = [f for _, f in existing]           # resuming into another run's folder
+    if later and not s.overwrite:
+        what = "a fresh run" if resumed_from is None else f"resuming from step {resumed_from[0]}"
+        raise UsageError(f"--out_dir={s.out_dir} holds checkpoints ({', '.join(map(os.path.basename, later))}) that "
+                         f"{what} would replace; pass --overwrite=1 to replace them, or another --out_dir")
+    for folder in later:
+        shutil.rmtree(folder)
+    os.makedirs(s.out_dir, exist_ok=True)
 
+
+def load_checkpoint(ckpt, s, device):
+    """-> (model, train state) of a checkpoint folder, the base weights from s.sd2 / s.clip."""
+    model = DiGSeg.from_checkpoint(ckpt, device=device, sd2=s.sd2 or None, clip=s.clip or None)
+    state = torch.load(os.path.join(ckpt, "train_state.pt"), map_location="cpu", weights_only=True)
+    return model, state
+
+
+def check_world(state, s, world):
+    """The total batch and data order of a run depend on its number of processes: a resume with
+    another one is refused unless --world_change=1. Then the data position is carried over as the
+    number of samples consumed in the epoch."""
+    saved = state.get("world", 1)
+    if saved == world:
+        return state["position"]
+    if not s.world_change:
+        raise UsageError(
+            f"this run was trained with {saved} processes (total batch {s.batch_size} x {saved} x {s.grad_accum} = "
+            f"{s.batch_size * saved * s.grad_accum}); resuming with {world} would change the total batch and the data "
+            f"order. Resume it with torchrun --nproc_per_node={saved}, or pass --world_change=1 (and, to keep the "
+            f"total batch, --grad_accum={s.batch_size * saved * s.grad_accum // (s.batch_size * world)})")
+    return state["position"] * saved // world
+
+
+# ---- validation and the setup check ---------------------------------------------------------------
 
 @torch.no_grad()
 def validate(model, val_set, n, device):
@@ -185,159 +290,11 @@ def validate(model, val_set, n, device):
     for i in range(min(n, len(val_set))):
         image, labels, _ = val_set[i]
         probs = model.segment(image.to(device), names, ensemble=1, steps=1)
-        pred = aggregate(probs, tau_bg=0.5).cpu()
-        cm = cm + confusion_matrix(pred, labels, len(names), ignore_index=val_set.ignore_index)
+        cm = cm + confusion_matrix(aggregate(probs, tau_bg=0.5).cpu(), labels, len(names), val_set.ignore_index)
     return miou(cm)["miou_gt"]
 
 
-def train(s):
-    # ---- processes and devices -------------------------------------------------------------
-    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    use_cuda = s.device == "cuda" or (s.device == "auto" and torch.cuda.is_available())
-    if ddp:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-        rank, world, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
-    else:
-        rank, world, local_rank = 0, 1, 0
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    master = rank == 0
-    log = print if master else (lambda *a, **k: None)
-    torch.manual_seed(s.seed + rank)
-    ptdtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[s.dtype]
-    autocast = torch.autocast(device.type, dtype=ptdtype) if s.dtype != "fp32" else nullcontext()
-    scaler = torch.amp.GradScaler(device.type, enabled=s.dtype == "fp16")
-
-    # ---- model ---------------------------------------------------------------------------------
-    start_step, epoch, position, losses, bad_total = 0, 0, 0, [], 0
-    if s.resume:
-        ckpt = find_checkpoint(s.resume)
-        model = DiGSeg.from_checkpoint(ckpt, device=device)
-        state = torch.load(os.path.join(ckpt, "train_state.pt"), map_location="cpu", weights_only=True)
-    else:
-        model = DiGSeg.from_weights(s.sd2, s.clip, text=s.text, trainable=s.trainable, device=device,
-                                    noise=s.noise, target=s.target, resolution=s.resolution,
-                                    prompt_template=s.prompt_template, clip_vocab=s.clip_vocab)
-    model.unet.gradient_checkpointing = s.grad_checkpointing
-    params = [p for p in model.parameters() if p.requires_grad]
-    n_train, n_all = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
-    log(f"parameters: {n_all:,} in all, {n_train:,} trainable ({s.trainable}); "
-        f"unet {sum(p.numel() for p in model.unet.parameters()):,}, vae {sum(p.numel() for p in model.vae.parameters()):,}")
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=s.lr, betas=(0.9, 0.999))
-    if s.resume:
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng_cpu"])
-        start_step, epoch, position = state["step"], state["epoch"], state["position"]
-        losses, bad_total = state["losses"], state["bad_total"]
-        log(f"resumed from {ckpt} at step {start_step} (epoch {epoch}, batch {position})")
-    raw = model                                   # what we save: never the DDP or compiled wrapper
-    if ddp:
-        model = DDP(model, device_ids=[local_rank] if use_cuda else None)
-    if s.compile:
-        model = torch.compile(model)
-
-    if s.dry_run:
-        return dry_run(raw, model, optimizer, s, device, autocast, n_all, n_train)
-
-    # ---- data ----------------------------------------------------------------------------------
-    train_set = data.build(s.dataset, s.data_root, "train", size=s.size, fraction=s.fraction,
-                           template=s.prompt_template, p_absent=s.p_absent, seed=s.seed)
-    val_set = data.build(s.dataset, s.data_root, "val", seed=s.seed, evaluation=True) if s.val_every else None
-    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=s.seed, drop_last=True)
-    total_batch = s.batch_size * world * s.grad_accum
-    log(f"data: {len(train_set)} {s.dataset} samples; total batch {total_batch} = "
-        f"{s.batch_size} per process x {world} processes x {s.grad_accum} accumulation steps")
-    os.makedirs(s.out_dir, exist_ok=True)
-
-    def batches():
-        """(epoch, position, indices, batch) from the saved data position onwards, forever."""
-        nonlocal epoch, position
-        while True:
-            plan = epoch_batches(sampler, epoch, s.batch_size)
-            train_set.set_epoch(epoch)
-            loader = DataLoader(train_set, batch_sampler=plan[position:], num_workers=s.num_workers,
-                                collate_fn=data.collate)
-            for indices, batch in zip(plan[position:], loader):
-                position += 1
-                yield epoch, indices, batch
-            epoch, position = epoch + 1, 0
-
-    # ---- the loop ------------------------------------------------------------------------------
-    stream = batches()
-    bad_in_a_row, t0, seen = 0, time.time(), 0
-    step = start_step
-    while step < s.max_steps:
-        lr = lr_at(step, s)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        total = 0.0
-        for micro in range(s.grad_accum):
-            ep, indices, batch = next(stream)
-            gens = sample_generators(s.seed, ep, indices, len(train_set))
-            sync = nullcontext() if (not ddp or micro == s.grad_accum - 1) else model.no_sync()
-            with sync:
-                with autocast:
-                    loss = model(batch["image"].to(device), batch["mask"].to(device), batch["prompt"], gens)
-                scaler.scale(loss / s.grad_accum).backward()
-            total += loss.item() / s.grad_accum
-            seen += len(indices) * world
-        finite = torch.tensor([float(math.isfinite(total))], device=device)
-        if ddp:
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)   # all ranks skip together
-        if finite.item() == 0:
-            optimizer.zero_grad(set_to_none=True)
-            bad_in_a_row, bad_total = bad_in_a_row + 1, bad_total + 1
-            log(f"step {step}: non-finite loss ({total}); step skipped ({bad_in_a_row} in a row, {bad_total} in all)")
-            if bad_in_a_row >= s.max_bad_steps:
-                raise SystemExit(f"stopping: {bad_in_a_row} non-finite losses in a row. The last good "
-                                 f"checkpoint is in {s.out_dir}/checkpoint; try a lower lr or --dtype=fp32.")
-            continue
-        bad_in_a_row = 0
-        if s.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        losses.append((step, total))
-
-        if master and (step % s.log_every == 0 or step == s.max_steps):
-            dt = time.time() - t0
-            rate = seen / dt
-            eta = (s.max_steps - step) * total_batch / max(rate, 1e-9)
-            print(f"step {step}/{s.max_steps} | loss {total:.4f} | lr {lr:.2e} | {rate:.1f} img/s | "
-                  f"ETA {eta / 60:.1f} min", flush=True)
-        if master and val_set is not None and step % s.val_every == 0:
-            raw.eval()
-            print(f"step {step}: val mIoU {validate(raw, val_set, s.val_images, device):.4f}", flush=True)
-            raw.train()
-        done = step == s.max_steps or (s.stop_after and step - start_step >= s.stop_after)
-        if master and (step % s.save_every == 0 or done):
-            save_checkpoint(s.out_dir, raw, {
-                "step": step, "epoch": epoch, "position": position, "losses": losses, "bad_total": bad_total,
-                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng_cpu": torch.get_rng_state(),
-            }, s)
-        if done:
-            break
-
-    if master:
-        xs, ys = zip(*losses) if losses else ((), ())
-        line_plot(os.path.join(s.out_dir, "loss.png"), {"train loss": (xs, ys)}, title="DiGSeg training loss (Eq. 6)",
-                  xlabel="step", logy=True)
-        print(f"done at step {step}; checkpoint in {s.out_dir}/checkpoint, loss curve in {s.out_dir}/loss.png")
-    if ddp:
-        dist.barrier()                  # every rank done (rank 0 writes last) before tearing down
-        dist.destroy_process_group()
-    return raw
-
-
-def dry_run(raw, model, optimizer, s, device, autocast, n_all, n_train):
+def dry_run(model, optimizer, s, device, autocast):
     """One training step at batch 1 on a random image at the training size: checks that the
     weights load, the step fits in memory, and reports the peak memory."""
     g = torch.Generator().manual_seed(0)
@@ -350,15 +307,162 @@ def dry_run(raw, model, optimizer, s, device, autocast, n_all, n_train):
     optimizer.step()
     dt = time.time() - t0
     if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) / 2**30
-        where = "GPU memory (max allocated)"
+        peak, where = torch.cuda.max_memory_allocated(device) / 2**30, "GPU memory (max allocated)"
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        where = "process memory (peak RSS)"
+        peak, where = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process memory (peak RSS)"
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"dry run: loss {loss.item():.4f}, one step at batch 1 and {s.size}px took {dt:.1f} s; "
-          f"peak {where}: {peak:.2f} GiB; parameters {n_all:,}, trainable {n_train:,}")
-    return raw
+          f"peak {where}: {peak:.2f} GiB; parameters {sum(p.numel() for p in model.parameters()):,}, "
+          f"trainable {n_train:,}")
+
+
+def make_optimizer(model, s, device):
+    """AdamW, no weight decay on biases and norms; fused into one kernel per step on CUDA."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": s.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.999), fused=device.type == "cuda")
+
+
+# ---- training ----------------------------------------------------------------------------------------
+
+def train(s):
+    procs = start_processes(s.device)
+    device, master = procs.device, procs.master
+    log = print if master else (lambda *a, **k: None)
+    torch.manual_seed(s.seed + procs.rank)
+    autocast = torch.autocast(device.type, dtype=DTYPES[s.dtype]) if s.dtype != "fp32" else nullcontext()
+    scaler = torch.amp.GradScaler(device.type, enabled=s.dtype == "fp16")
+
+    # ---- model and optimizer
+    ckpt = find_checkpoint(s.resume) if s.resume else None
+    if master and not s.dry_run:
+        prepare_out_dir(s, (checkpoint_step(ckpt), ckpt) if ckpt else None)
+    if ckpt:
+        model, state = load_checkpoint(ckpt, s, device)
+    else:
+        model = DiGSeg.from_weights(s.sd2, s.clip, text=s.text, trainable=s.trainable, device=device, noise=s.noise,
+                                    target=s.target, resolution=s.resolution, prompt_template=s.prompt_template,
+                                    clip_vocab=s.clip_vocab)
+    model.train()                                 # the U-Net and MLP; the frozen parts stay in eval mode
+    model.unet.gradient_checkpointing = s.grad_checkpointing
+    model.tune_for_cuda(frozen_dtype=torch.bfloat16 if s.dtype == "bf16" else None)
+    if s.compile:
+        model.unet.compile(dynamic=False)         # in place: the saved names stay those of the U-Net
+    optimizer = make_optimizer(model, s, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    log(f"parameters: {sum(p.numel() for p in model.parameters()):,} in all, "
+        f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable ({s.trainable}); "
+        f"unet {sum(p.numel() for p in model.unet.parameters()):,}, vae {sum(p.numel() for p in model.vae.parameters()):,}")
+    if s.dry_run:
+        dry_run(model, optimizer, s, device, autocast)
+        stop_processes(procs)
+        return model
+    step, epoch, position, losses, bad_total = 0, 0, 0, [], 0
+    if ckpt:
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng_cpu"])
+        step, epoch, losses, bad_total = state["step"], state["epoch"], state["losses"], state["bad_total"]
+        position = check_world(state, s, procs.world)
+        log(f"resumed from {ckpt} at step {step} (epoch {epoch}, batch {position}); saving into {s.out_dir}")
+    ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if procs.ddp else model
+
+    # ---- data
+    train_set = data.build(s.dataset, s.data_root, "train", size=s.size, fraction=s.fraction,
+                           template=s.prompt_template, p_absent=s.p_absent, seed=s.seed)
+    if s.check_data and s.dataset != "toy" and master:
+        problems = train_set.check()
+        if problems:
+            raise data.DataError(f"{len(problems)} bad label maps in {s.data_root}, e.g.: {problems[0]}\n" +
+                                 "\n".join(problems[1:]))
+    val_set = data.build(s.dataset, s.data_root, "val", seed=s.seed, evaluation=True) if s.val_every else None
+    sampler = DistributedSampler(train_set, num_replicas=procs.world, rank=procs.rank, shuffle=True, seed=s.seed,
+                                 drop_last=True)
+    total_batch = s.batch_size * procs.world * s.grad_accum
+    log(f"data: {len(train_set)} {s.dataset} samples; total batch {total_batch} = "
+        f"{s.batch_size} per process x {procs.world} processes x {s.grad_accum} accumulation steps")
+    stream = batch_stream(train_set, sampler, s, epoch, position)
+
+    # ---- the loop: accumulate, check the loss is finite on every rank, clip, step, log, save
+    start_step, bad_in_a_row, first_bad, t0, seen = step, 0, None, time.time(), 0
+    while step < s.max_steps:
+        lr = lr_at(step, s)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        total = torch.zeros((), device=device)
+        for micro in range(s.grad_accum):
+            epoch, position, indices, batch = next(stream)
+            gens = sample_generators(s.seed, epoch, indices, len(train_set))
+            last = micro == s.grad_accum - 1
+            with ddp_model.no_sync() if procs.ddp and not last else nullcontext():
+                with autocast:
+                    loss = ddp_model(batch["image"].to(device), batch["mask"].to(device), batch["prompt"], gens)
+                scaler.scale(loss / s.grad_accum).backward()
+            total += loss.detach().float() / s.grad_accum
+            seen += len(indices) * procs.world
+        finite = torch.isfinite(total).float()
+        if procs.ddp:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)   # all ranks skip together
+        if finite.item() == 0:                               # the one host sync of a step
+            optimizer.zero_grad(set_to_none=True)
+            bad_in_a_row, bad_total = bad_in_a_row + 1, bad_total + 1
+            first_bad = step if bad_in_a_row == 1 else first_bad
+            log(f"step {step}: non-finite loss ({total.item()}); step skipped ({bad_in_a_row} in a row, {bad_total} in all)")
+            if bad_in_a_row >= s.max_bad_steps:
+                raise SystemExit(diverged_message(s, bad_in_a_row, first_bad))
+            continue
+        bad_in_a_row = 0
+        if s.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        losses.append((step, total.item()))
+
+        if master and (step % s.log_every == 0 or step == s.max_steps):
+            rate = seen / (time.time() - t0)
+            memory = f" | {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else ""
+            print(f"step {step}/{s.max_steps} | loss {losses[-1][1]:.4f} | lr {lr:.2e} | {rate:.1f} img/s{memory} | "
+                  f"ETA {(s.max_steps - step) * total_batch / max(rate, 1e-9) / 60:.1f} min", flush=True)
+        if master and val_set is not None and step % s.val_every == 0:
+            model.eval()
+            print(f"step {step}: val mIoU {validate(model, val_set, s.val_images, device):.4f}", flush=True)
+            model.train()
+        done = step == s.max_steps or (s.stop_after and step - start_step >= s.stop_after)
+        if master and (step % s.save_every == 0 or done):
+            save_checkpoint(s.out_dir, model, {
+                "step": step, "epoch": epoch, "position": position, "losses": losses, "bad_total": bad_total,
+                "world": procs.world, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "rng_cpu": torch.get_rng_state()}, s)
+        if done:
+            break
+
+    if master:
+        xs, ys = zip(*losses) if losses else ((), ())
+        line_plot(os.path.join(s.out_dir, "loss.png"), {"train loss": (xs, ys)}, title="DiGSeg training loss (Eq. 6)",
+                  xlabel="step", logy=True)
+        print(f"done at step {step}; checkpoint in {s.out_dir}/checkpoint, loss curve in {s.out_dir}/loss.png")
+    stop_processes(procs)
+    return model
+
+
+def diverged_message(s, bad_in_a_row, first_bad):
+    """The NaN stop names the newest checkpoint saved before the first non-finite loss of the streak:
+    a checkpoint at step k holds the weights the loss of step k was computed with, so one at
+    k >= first_bad may already be diverged."""
+    before = [(k, f) for k, f in checkpoints(s.out_dir) if k < first_bad]
+    where = (f"the newest checkpoint from before the divergence is {before[-1][1]} (step {before[-1][0]}): "
+             f"--resume={before[-1][1]} with a lower --lr" if before else
+             f"no checkpoint from before step {first_bad} is left; start again with a lower --lr")
+    return f"stopping: {bad_in_a_row} non-finite losses in a row since step {first_bad}. {where}, or --dtype=fp32."
+
+
+def main(argv):
+    train(parse_args(argv))
 
 
 if __name__ == "__main__":
-    train(parse_args(sys.argv[1:]))
+    run(main)

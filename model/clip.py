@@ -333,6 +333,17 @@ class Tokenizer:
         return cls(vocab, merges, pad_token)
 
     @classmethod
+    def from_tokenizer_json(cls, path, pad_token=EOT):
+        """A `tokenizers` tokenizer.json (what current transformers saves alone): its BPE model's
+        vocab and merges, the merges as "a b" strings or as [a, b] pairs (newer files)."""
+        with open(path, encoding="utf-8") as f:
+            bpe = json.load(f).get("model", {})
+        if bpe.get("type", "BPE") != "BPE" or "vocab" not in bpe or "merges" not in bpe:
+            raise ValueError(f"{path}: expected a BPE model with vocab and merges")
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in bpe["merges"]]
+        return cls(bpe["vocab"], merges, pad_token)
+
+    @classmethod
     def from_openai(cls, bpe_gz, pad_token="!"):
         """OpenAI's bpe_simple_vocab_16e6.txt.gz: 48894 merges; the vocabulary is rebuilt from them:
         256 byte characters, the same with "</w>", one token per merge, then the two specials (49408)."""

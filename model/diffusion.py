@@ -123,6 +123,25 @@ def ddim_step(pred, z_t, t, t_prev, alphas_cumprod, prediction="epsilon"):
     return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps  # Eq. 7
 
 
+def ddim_sample(predict, z_T, timesteps, alphas_cumprod, prediction="epsilon", T=1000):
+    """The DDIM sampler (Eq. 7, eta = 0) as an iterator: from z_T, one step per listed timestep
+    (ddim_timesteps), each yielded as a dict so that a reader can look at every step:
+
+        t       the timestep of this step          z_t     the latent it starts from
+        pred    predict(z_t, t), the network output in its own parameterisation
+        x0      the clean latent that output implies (x0_hat)
+        z_prev  the latent after the step; the last step's z_prev is the sample
+
+    The sampler knows nothing of the model: `predict` closes over it (and over any conditioning)."""
+    S, z = len(timesteps), z_T
+    for t in timesteps:
+        pred = predict(z, t)
+        x0, _ = predicted_x0_and_eps(pred, z, t, alphas_cumprod, prediction)
+        z_prev = ddim_step(pred, z, t, previous_timestep(t, S, T), alphas_cumprod, prediction)
+        yield {"t": t, "z_t": z, "pred": pred, "x0": x0, "z_prev": z_prev}
+        z = z_prev
+
+
 def multires_noise(shape, t, T=1000, strength=0.9, annealed=True, levels=None, generator=None,
                    device=None, dtype=torch.float32):
     """App. A.1: annealed multi-resolution noise for the mask latent.

@@ -81,14 +81,36 @@ def load_into(module, state_dict, where, dtype=torch.float32, device="cpu"):
     return module.to(device=device).eval()
 
 
-def save_file_atomic(tensors, path, metadata=None):
-    """Write a safetensors file so that a crash never leaves a half-written file under `path`:
-    write to a temporary name in the same folder, fsync, then rename over the target."""
+def write_atomic(path, write):
+    """Write a file so that a crash never leaves a half-written file under `path`: write(tmp) to a
+    temporary name in the same folder, fsync, then rename over the target."""
     tmp = f"{path}.tmp{os.getpid()}"
-    save_file(tensors, tmp, metadata=metadata)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_file_atomic(tensors, path, metadata=None):
+    """A safetensors file, written atomically."""
+    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def write_text_atomic(path, text):
+    """A text file (JSON, say), written atomically."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    write_atomic(path, write)
+
+
+def torch_save_atomic(obj, path):
+    """torch.save, written atomically. Read it back with torch.load(..., weights_only=True)."""
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _listing(names, limit=12):
@@ -388,10 +410,13 @@ def _first_file(folder, names, expected):
 
 
 def _hf_tokenizer(folder, vocab=None):
-    """vocab.json + merges.txt in the folder or its tokenizer/ subfolder; the pad token from
-    special_tokens_map.json / tokenizer_config.json (SD2: "!"), else <|endoftext|>."""
+    """vocab.json + merges.txt, or tokenizer.json alone (current transformers saves only that), in
+    the folder or its tokenizer/ subfolder; the pad token from special_tokens_map.json /
+    tokenizer_config.json (SD2: "!"), else <|endoftext|>."""
     for d in (folder, os.path.join(folder, "tokenizer")):
-        if os.path.isfile(os.path.join(d, "vocab.json")) and os.path.isfile(os.path.join(d, "merges.txt")):
+        pair = os.path.isfile(os.path.join(d, "vocab.json")) and os.path.isfile(os.path.join(d, "merges.txt"))
+        single = os.path.isfile(os.path.join(d, "tokenizer.json"))
+        if pair or single:
             pad = "<|endoftext|>"
             for name in ("special_tokens_map.json", "tokenizer_config.json"):
                 if os.path.isfile(os.path.join(d, name)):
@@ -400,11 +425,16 @@ def _hf_tokenizer(folder, vocab=None):
                     if p:
                         pad = p["content"] if isinstance(p, dict) else p
                         break
-            return Tokenizer.from_files(os.path.join(d, "vocab.json"), os.path.join(d, "merges.txt"), pad)
+            if pair:
+                return Tokenizer.from_files(os.path.join(d, "vocab.json"), os.path.join(d, "merges.txt"), pad)
+            try:
+                return Tokenizer.from_tokenizer_json(os.path.join(d, "tokenizer.json"), pad)
+            except ValueError as e:
+                raise WeightsError(str(e)) from None
     if vocab:
         return Tokenizer.from_openai(vocab, pad_token="<|endoftext|>")
-    raise WeightsError(f"{folder}: no tokenizer: expected vocab.json and merges.txt (in the folder or "
-                       f"tokenizer/), or pass vocab=PATH of bpe_simple_vocab_16e6.txt.gz")
+    raise WeightsError(f"{folder}: no tokenizer: expected vocab.json and merges.txt or tokenizer.json (in the "
+                       f"folder or tokenizer/), or pass vocab=PATH of bpe_simple_vocab_16e6.txt.gz")
 
 
 def read_openai_checkpoint(path):

@@ -51,7 +51,8 @@ def test_paper_trainable_set_on_the_real_sd2_config():
 def test_loss_backpropagates_only_into_trainable_parameters(tiny_paths):
     m = DiGSeg.from_weights(*tiny_paths, trainable="paper", resolution=32)
     img, mask = torch.rand(2, 3, 32, 32) * 2 - 1, (torch.rand(2, 32, 32) > 0.5).float()
-    m.loss(img, mask, ["a photo of a circle.", "a photo of a star."], torch.Generator().manual_seed(0)).backward()
+    m.loss(img, mask, ["a photo of a circle.", "a photo of a star."],
+           [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]).backward()
     for n, p in m.named_parameters():
         if p.requires_grad:
             assert p.grad is not None, n
@@ -72,7 +73,7 @@ def test_overfitting_one_pair_drives_the_loss_down(tiny_paths, target):
     opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=3e-3)
 
     def fixed_loss():  # the same t and noise every time, so the curve measures fitting only
-        return m.loss(img, mask, ["a photo of a square."], torch.Generator().manual_seed(123))
+        return m.loss(img, mask, ["a photo of a square."], [torch.Generator().manual_seed(123)])
 
     first = fixed_loss().item()
     for _ in range(60):
@@ -127,7 +128,7 @@ def test_any_pil_mode_is_converted(tiny_model, mode):
 
 
 def test_sixteen_bit_images_are_scaled_not_clipped():
-    from digseg import pil_to_tensor
+    from data import pil_to_tensor
     a = np.full((4, 4), 32768, np.uint16)
     x = pil_to_tensor(Image.fromarray(a))
     assert abs(x.mean().item() - (32768 / 65535 * 2 - 1)) < 1e-6

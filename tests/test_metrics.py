@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from eval import binary_iou_dice, confusion_matrix, miou, write_per_class_csv
+from metrics import binary_iou_dice, confusion_matrix, miou, write_per_class_csv
 
 
 def reference_scores(preds, gts, C, ignore):

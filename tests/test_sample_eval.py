@@ -76,7 +76,7 @@ def test_eval_single_process_equals_torchrun_two(checkpoint, tmp_path):
     make_cityscapes(str(root))
     common = [f"--checkpoint={checkpoint}", "--dataset=cityscapes19", f"--data_root={root}", "--ensemble=1",
               "--steps=1", "--tau_bg=0.3", "--batch_size=19"]
-    one = evaluation.main(common + [f"--out={tmp_path / 'one'}"])
+    one = evaluation.main(common + [f"--out={tmp_path / 'one'}"])["main"]
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29544",
                         os.path.join(ROOT, "eval.py"), *common, f"--out={tmp_path / 'two'}"],
@@ -93,8 +93,8 @@ def test_eval_resumes_from_partial_results(checkpoint, tmp_path, capsys):
     make_cityscapes(str(root))
     common = [f"--checkpoint={checkpoint}", "--dataset=cityscapes19", f"--data_root={root}", "--batch_size=19",
               f"--out={tmp_path / 'out'}", "--save_every=1"]
-    full = evaluation.main(common)
-    first = evaluation.main(common + ["--limit=3"])          # same settings: everything is already done
+    full = evaluation.main(common)["main"]
+    first = evaluation.main(common + ["--limit=3"])["main"]  # same settings and images: everything is already done
     assert "resuming after 3 images" in capsys.readouterr().out
     assert first["miou_gt"] == full["miou_gt"]
 
@@ -110,7 +110,7 @@ def test_vae_on_masks_study(tiny_paths):
 
 
 def test_overlay_enlarges_small_images_and_leaves_unlabelled_pixels_alone():
-    from sample import colour, overlay
+    from plot import colour, overlay
     img = Image.new("RGB", (64, 32), (10, 20, 30))
     labels = torch.full((32, 64), -1)
     labels[:8, :8] = 1

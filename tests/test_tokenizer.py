@@ -75,3 +75,33 @@ def test_known_ids(pair):
     assert ids[0, :5].tolist() == [49406, 320, 22697, 49407, 0]
     assert ids[1, :8].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407, 0]   # open_clip.tokenize, FACTS.md 1
     assert ours_openai.vocab_size == 49408
+
+
+def test_tokenizer_json_alone_gives_the_same_ids(pair, tmp_path):
+    """A tokenizer folder saved by current transformers holds tokenizer.json (+ tokenizer_config.json)
+    and no vocab.json / merges.txt; both merge spellings of tokenizer.json ("a b" and [a, b])."""
+    import json
+    import os
+
+    from transformers import CLIPTokenizer
+
+    from model.weights import _hf_tokenizer
+    ours = pair[0]
+    src = tmp_path / "src"
+    src.mkdir()
+    write_hf_vocab(VOCAB, src)
+    saved = tmp_path / "saved"
+    CLIPTokenizer(str(src / "vocab.json"), str(src / "merges.txt")).save_pretrained(saved)
+    for name in ("vocab.json", "merges.txt"):
+        if os.path.exists(saved / name):
+            os.remove(saved / name)
+    assert os.path.isfile(saved / "tokenizer.json")
+    from_json = _hf_tokenizer(str(saved))
+    assert torch.equal(from_json(TEXTS), ours(TEXTS))
+    doc = json.load(open(saved / "tokenizer.json", encoding="utf-8"))
+    merges = doc["model"]["merges"]
+    doc["model"]["merges"] = [m.split(" ") if isinstance(m, str) else " ".join(m) for m in merges]   # the other spelling
+    other = tmp_path / "other"
+    other.mkdir()
+    json.dump(doc, open(other / "tokenizer.json", "w", encoding="utf-8"))
+    assert torch.equal(_hf_tokenizer(str(other))(TEXTS), ours(TEXTS))

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
+from launch import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -103,9 +104,9 @@ def test_nan_guard_skips_and_stops(tiny_paths, tmp_path, monkeypatch, capsys):
 def test_settings_flags():
     s = train.parse_args(["--preset=ade20k", "--batch_size=4", "--compile=1", "--lr=2e-4"])
     assert (s.dataset, s.batch_size, s.compile, s.lr, s.size) == ("ade150", 4, True, 2e-4, 512)
-    with pytest.raises(SystemExit, match="unknown setting --bogus"):
+    with pytest.raises(UsageError, match="unknown setting --bogus"):
         train.parse_args(["--bogus=1"])
-    with pytest.raises(SystemExit, match="unknown preset"):
+    with pytest.raises(UsageError, match="unknown preset"):
         train.parse_args(["--preset=imagenet"])
 
 
