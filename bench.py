@@ -1,8 +1,11 @@
 """Speed and memory side by side with the reference implementations (diffusers, transformers),
 same threads, same configs, random weights.
 
-    python bench.py                  # every section
+    python bench.py                  # every CPU section
     python bench.py --only sd2       # comma-separated sections
+    python bench.py --device=cuda    # the GPU sections: U-Net vs diffusers at batch 2 and 16 (autocast
+                                     # over fp32 weights, and bf16 weights), segment() throughput,
+                                     # training steps by batch size with and without checkpointing
 """
 import argparse
 import os
@@ -17,15 +20,23 @@ import torch
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def median_seconds(fns, runs=3):
     """Median wall time of `runs` calls of each function, the calls interleaved (in alternating
-    order) so that load from other processes and cache effects hit both sides alike."""
+    order) so that load from other processes and cache effects hit both sides alike. On a GPU each
+    call is timed to the end of its kernels."""
     times = [[] for _ in fns]
     for i in range(runs):
         pairs = list(zip(fns, times))
         for fn, t in pairs if i % 2 == 0 else pairs[::-1]:
+            sync()
             start = time.perf_counter()
             fn()
+            sync()
             t.append(time.perf_counter() - start)
     return [statistics.median(t) for t in times]
 
@@ -135,11 +146,10 @@ def bench_clip():
     import transformers
 
     from model.clip import CLIP, PRESETS
-    from tests.clip_oracle import hf_config
 
     torch.manual_seed(0)
     rows = []
-    ref = transformers.CLIPModel(hf_config(PRESETS["clip-vit-l14"])).eval()
+    ref = transformers.CLIPModel(transformers.CLIPConfig.from_dict(PRESETS["clip-vit-l14"].to_dict())).eval()
     with torch.device("meta"):
         ours = CLIP(PRESETS["clip-vit-l14"]).eval()
     ids = torch.randint(0, 49406, (16, 77))
@@ -160,7 +170,7 @@ class FixedText(torch.nn.Module):
     """A stand-in for the frozen CLIP text tower in the method benchmarks, which time the U-Net and VAE."""
 
     def forward(self, ids):
-        return torch.randn(len(ids), 77, 768, generator=torch.Generator().manual_seed(0))
+        return torch.randn(len(ids), 77, 768, generator=torch.Generator().manual_seed(0)).to(ids.device)
 
 
 class FixedTokenizer:
@@ -210,7 +220,7 @@ def bench_train():
 
         def step():
             opt.zero_grad()
-            model.loss(image, mask, ["a photo of a cat."], torch.Generator().manual_seed(0)).backward()
+            model.loss(image, mask, ["a photo of a cat."], [torch.Generator().manual_seed(0)]).backward()
             opt.step()
 
         step()                              # warm-up (and AdamW's state allocation)
@@ -221,20 +231,141 @@ def bench_train():
     print(f"paper / all step time: {times['paper'][0] / times['all'][0]:.2f}")
 
 
+def sd2_digseg(device, trainable="all"):
+    """DiGSeg at the real SD2-base config with random weights (text: a fixed stand-in for CLIP-L)."""
+    from digseg import DiGSeg, DiGSegConfig, TextMLP, widen_conv_in
+    from model.unet import PRESETS as UNETS, UNet2DCondition
+    from model.vae import PRESETS as VAES, AutoencoderKL
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet, vae, mlp = UNet2DCondition(UNETS["sd2-base"]), AutoencoderKL(VAES["sd2-base"]), TextMLP(768, 1024)
+    widen_conv_in(unet)
+    return DiGSeg(DiGSegConfig(sd2="", trainable=trainable, resolution=512), unet, vae, 0.18215, FixedText(),
+                  FixedTokenizer(), mlp)
+
+
+def bench_cuda_unet():
+    """U-Net forward (64x64 latent, 77 tokens) vs diffusers at batch 2 and 16: under bf16 autocast
+    over fp32 weights (the training path) and with bf16 weights (inference), each also in
+    channels_last (ours via DiGSeg.tune_for_cuda's layout)."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.utils import logging as diffusers_logging
+
+    from model.unet import UNet2DCondition, UNetConfig
+    diffusers_logging.set_verbosity_error()
+    torch.manual_seed(0)
+    ref = UNet2DConditionModel.from_config(UNetConfig().to_dict()).cuda().eval()
+    with torch.device("meta"):
+        ours = UNet2DCondition(UNetConfig()).eval()
+    ours.load_state_dict(ref.state_dict(), assign=True)              # one copy of the weights, shared
+    rows = []
+    for batch in (2, 16):
+        x = torch.randn(batch, 4, 64, 64, device="cuda")
+        t, c = torch.full((batch,), 500, device="cuda"), torch.randn(batch, 77, 1024, device="cuda")
+        for layout in (torch.contiguous_format, torch.channels_last):
+            ours.to(memory_format=layout)
+            ref.to(memory_format=layout)
+            name = "NHWC" if layout == torch.channels_last else "NCHW"
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                compare(f"U-Net b{batch} autocast {name}", lambda: ours(x, t, c), lambda: ref(x, t, c).sample,
+                        "amp", rows)
+    ref.to(torch.bfloat16)
+    ours.load_state_dict(ref.state_dict(), assign=True)
+    for batch in (2, 16):
+        x = torch.randn(batch, 4, 64, 64, device="cuda", dtype=torch.bfloat16)
+        t, c = torch.full((batch,), 500, device="cuda"), torch.randn(batch, 77, 1024, device="cuda", dtype=torch.bfloat16)
+        for layout in (torch.contiguous_format, torch.channels_last):
+            ours.to(memory_format=layout)
+            ref.to(memory_format=layout)
+            name = "NHWC" if layout == torch.channels_last else "NCHW"
+            compare(f"U-Net b{batch} bf16 weights {name}", lambda: ours(x, t, c), lambda: ref(x, t, c).sample,
+                    "bf16", rows)
+    print_table(f"SD2 U-Net vs diffusers on {torch.cuda.get_device_name()} (median of 3)", rows)
+
+
+def bench_cuda_segment():
+    """segment() at 512^2 on the SD2 config: masks (classes) or images per second, plain fp32 vs bf16
+    weights with channels_last (eval.py --dtype=bf16 / sample.py --dtype=bf16)."""
+    image = torch.rand(3, 512, 512) * 2 - 1
+    cases = [("E=1 S=1, 1 class", 1, 1, 1), ("E=1 S=1, 8 classes", 8, 1, 1), ("E=8 S=2, 1 class", 1, 8, 2)]
+    print(f"\nsegment() 512^2, SD2-base config, {torch.cuda.get_device_name()} (median of 3)")
+    for label, dtype in (("fp32", torch.float32), ("bf16 + channels_last", torch.bfloat16)):
+        model = sd2_digseg("cuda").to(dtype).eval()
+        if dtype != torch.float32:
+            model.tune_for_cuda()
+        with torch.inference_mode():
+            for what, K, E, S in cases:
+                names = [f"class {i}" for i in range(K)]
+                model.segment(image, names, ensemble=E, steps=S, batch_size=max(8, K * E))   # warm-up
+                sec = median_seconds([lambda: model.segment(image, names, ensemble=E, steps=S,
+                                                            batch_size=max(8, K * E))])[0]
+                print(f"  {label:22s} {what:20s} {sec * 1000:8.1f} ms = {K / sec:6.1f} masks/s = {1 / sec:6.1f} images/s")
+        del model
+        torch.cuda.empty_cache()
+
+
+def bench_cuda_train():
+    """The training step of train.py without data loading (bf16 autocast over fp32 weights, the
+    frozen VAE and text in bf16, channels_last, fused AdamW, trainable=all), 512^2, by batch size,
+    with and without gradient checkpointing: images/s and peak memory."""
+    model = sd2_digseg("cuda").train()
+    model.tune_for_cuda(frozen_dtype=torch.bfloat16)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
+    print(f"\ntraining step, SD2-base config, 512^2, bf16 autocast, {torch.cuda.get_device_name()} (median of 3 steps)")
+    for checkpointing in (False, True):
+        model.unet.gradient_checkpointing = checkpointing
+        for batch in (2, 8, 16, 32, 48):
+            image = torch.rand(batch, 3, 512, 512, device="cuda") * 2 - 1
+            mask = (torch.rand(batch, 512, 512, device="cuda") > 0.5).float()
+
+            def step():
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = model.loss(image, mask, ["a photo of a cat."] * batch,
+                                      [torch.Generator().manual_seed(i) for i in range(batch)])
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            try:
+                step()                                   # warm-up, AdamW state
+                torch.cuda.reset_peak_memory_stats()
+                sec = median_seconds([step])[0]
+                peak = torch.cuda.max_memory_allocated() / 2**30
+                print(f"  checkpointing={int(checkpointing)} batch {batch:3d}: {batch / sec:6.1f} img/s, "
+                      f"{sec * 1000:7.1f} ms/step, peak {peak:5.1f} GiB")
+            except torch.OutOfMemoryError:
+                print(f"  checkpointing={int(checkpointing)} batch {batch:3d}: out of memory")
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+
+
 SECTIONS = {"sd2": bench_sd2, "clip": bench_clip, "digseg": bench_digseg, "train": bench_train}
+CUDA_SECTIONS = {"unet": bench_cuda_unet, "segment": bench_cuda_segment, "train": bench_cuda_train}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated, of: {', '.join(SECTIONS)}")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--only", default="", help=f"comma-separated, of: CPU {', '.join(SECTIONS)}; "
+                                                   f"CUDA {', '.join(CUDA_SECTIONS)}")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    native = torch.backends.cpu.get_cpu_capability()
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    print(f"CPU capability {native}; native bf16 matmul: {'yes (avx512_bf16/amx)' if ('avx512_bf16' in flags or 'amx_bf16' in flags) else 'NO - bf16 rows are emulated and slow, compare fp32 only'}")
-    for name in args.only.split(","):
-        SECTIONS[name]()
+    sections = CUDA_SECTIONS if args.device == "cuda" else SECTIONS
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device=cuda: no CUDA device here")
+        print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}")
+    else:
+        native = torch.backends.cpu.get_cpu_capability()
+        flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+        print(f"CPU capability {native}; native bf16 matmul: {'yes (avx512_bf16/amx)' if ('avx512_bf16' in flags or 'amx_bf16' in flags) else 'NO - bf16 rows are emulated and slow, compare fp32 only'}")
+    for name in (args.only or ",".join(sections)).split(","):
+        if name not in sections:
+            raise SystemExit(f"--only={name}: not a {args.device} section; valid: {', '.join(sections)}")
+        sections[name]()
 
 
 if __name__ == "__main__":
