@@ -496,6 +496,17 @@ def augment(image, labels, size, rng, scale=(0.8, 1.2), ignore_index=255):
     return x, np.ascontiguousarray(labels)
 
 
+def resize_pair(image, labels, long_side=512, multiple=8):
+    """An image (3, H, W) and its labels (H, W), resized together (bilinear and nearest) so that the
+    long side is at most `long_side` and both sides divide by `multiple` (the VAE's factor)."""
+    H, W = labels.shape
+    s = min(1.0, long_side / max(H, W))
+    h, w = (max(multiple, round(n * s) // multiple * multiple) for n in (H, W))
+    image = torch.nn.functional.interpolate(image[None].float(), size=(h, w), mode="bilinear", antialias=True)[0]
+    labels = torch.nn.functional.interpolate(labels[None, None].float(), size=(h, w), mode="nearest")[0, 0]
+    return image, labels.long()
+
+
 def window(a, top, left, size, fill):
     """The size x size window of a (H, W, ...) at (top, left); where it leaves `a`, `fill`."""
     out = np.full((size, size) + a.shape[2:], fill, dtype=a.dtype)

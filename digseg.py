@@ -15,6 +15,7 @@ import json
 import math
 import os
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -371,6 +372,21 @@ class DiGSeg(nn.Module):
         vae_down = 2 ** (len(self.vae.config.block_out_channels) - 1)
         unet_down = 2 ** (len(self.unet.config.block_out_channels) - 1)
         return vae_down * unet_down
+
+    @contextmanager
+    def cross_attention_maps(self):
+        """Record the U-Net's cross-attention to the text (Sec. 3.5: text-to-region binding) while
+        the block runs: yields {module name: list of (N, h_l * w_l, 77) maps, one per call}, each
+        the attention probabilities of every latent position over the 77 prompt tokens, averaged
+        over heads; h_l x w_l is the resolution of that U-Net level. Outputs are unchanged."""
+        layers = {n: m for n, m in self.unet.named_modules() if n.endswith("attn2")}
+        for m in layers.values():
+            m.maps = []
+        try:
+            yield {n: m.maps for n, m in layers.items()}
+        finally:
+            for m in layers.values():
+                m.maps = None
 
     # ---- App. A.3 "Class label generation" ----------------------------------------------
 

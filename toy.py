@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import data
-from digseg import mask_to_image
+from digseg import DiGSeg, mask_to_image
 from launch import run
 from model.clip import CLIP, MEAN, STD, CLIPConfig, CLIPTextConfig, CLIPVisionConfig, train_bpe
 from model.unet import UNet2DCondition, UNetConfig
@@ -211,6 +211,22 @@ def ensure():
     DIGSEG_TOY_QUICK=1 (the test suite) in a few seconds with few steps."""
     out = os.environ.get("DIGSEG_TOY_OUT", "out/toy")
     return build_world(out, **(QUICK if os.environ.get("DIGSEG_TOY_QUICK") == "1" else {}))
+
+
+def notebook_world(real=None):
+    """What a notebook works on -> dict(checkpoint, sd2, clip, dataset, data_root, out).
+
+    real=None: the toy world (`ensure`). Your own: real=dict(checkpoint=a trained DiGSeg folder,
+    dataset=a key of data.DATASETS or "folder", data_root=its folder); the SD2 and CLIP weights are
+    the ones its digseg.json names. Figures go to <the run's folder>/../notebooks/."""
+    if real is None:
+        ckpt, dataset, root = ensure(), "toy", ""
+    else:
+        ckpt, dataset, root = real["checkpoint"], real.get("dataset", "folder"), real.get("data_root", "data")
+    cfg = DiGSeg.config_of(ckpt)
+    out = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(ckpt))), "notebooks")
+    os.makedirs(out, exist_ok=True)
+    return dict(checkpoint=ckpt, sd2=cfg.sd2, clip=cfg.clip, dataset=dataset, data_root=root, out=out)
 
 
 def main(argv=None):

@@ -111,7 +111,10 @@ class TimestepEmbedding(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention of x over context (itself if None); q/k/v without bias."""
+    """Multi-head attention of x over context (itself if None); q/k/v without bias.
+
+    `maps`: None, or a list to which each call appends its attention probabilities averaged over
+    the heads, (B, N, M) in float32 (DiGSeg.cross_attention_maps sets it; the output is unchanged)."""
 
     def __init__(self, dim, heads, context_dim=None, upcast=False):
         super().__init__()
@@ -120,10 +123,17 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(context_dim or dim, dim, bias=False)
         self.to_v = nn.Linear(context_dim or dim, dim, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+        self.maps = None
 
     def forward(self, x, context=None):
         context = x if context is None else context
-        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, upcast=self.upcast)
+        q, k = self.to_q(x), self.to_k(context)
+        if self.maps is not None:
+            b, n, c = q.shape
+            qh = q.float().view(b, n, self.heads, -1).transpose(1, 2)             # (B, h, N, d)
+            kh = k.float().view(b, k.shape[1], self.heads, -1).transpose(1, 2)    # (B, h, M, d)
+            self.maps.append((qh @ kh.transpose(-1, -2) / math.sqrt(c // self.heads)).softmax(-1).mean(1))
+        out = attention(q, k, self.to_v(context), self.heads, upcast=self.upcast)
         return self.to_out[0](out)
 
 

@@ -188,3 +188,32 @@ def test_candidate_selection_global_and_patch_paths():
     classes, _ = select_candidates(image, patches, text, names, tau_global=0.25, tau_patch=1.1)
     assert set(classes) == {"a", "b"}
     assert classes[0] == "a"                               # sorted by score
+
+
+def test_denoise_steps_show_every_step_and_end_where_denoise_ends(tiny_model):
+    z_x = tiny_model.encode_image(torch.rand(1, 3, 32, 32) * 2 - 1)
+    ctx = tiny_model.context(["a photo of a star.", "a photo of a ring."])
+    z_T = torch.randn(2, *z_x.shape[1:], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        steps = list(tiny_model.denoise_steps(z_x, z_T, ctx, 3, "trailing"))
+        final = tiny_model.denoise(z_x, z_T, ctx, 3, "trailing")
+    assert [int(s["t"]) for s in steps] == [999, 666, 332]            # the listed trailing timesteps
+    assert torch.equal(steps[0]["z_t"], z_T) and torch.equal(steps[1]["z_t"], steps[0]["z_prev"])
+    assert torch.equal(steps[-1]["z_prev"], final)
+    assert torch.allclose(steps[-1]["x0"], final, atol=1e-6)      # the last step lands on x0_hat (alpha_bar = 1)
+
+
+def test_cross_attention_maps_are_probabilities_over_the_prompt_and_change_nothing(tiny_model):
+    image = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        plain = tiny_model.segment(image, ["circle", "bar"], ensemble=1, steps=2)
+        with tiny_model.cross_attention_maps() as maps:
+            recorded = tiny_model.segment(image, ["circle", "bar"], ensemble=1, steps=2)
+    assert torch.equal(plain, recorded)
+    assert set(maps) == {n for n, _ in tiny_model.unet.named_modules() if n.endswith("attn2")}
+    for name, calls in maps.items():
+        assert len(calls) == 2                                    # one U-Net call per DDIM step
+        m = calls[0]                                              # (K*E, h*w, 77)
+        assert m.shape[0] == 2 and m.shape[2] == 77
+        assert torch.allclose(m.sum(-1), torch.ones_like(m[..., 0]), atol=1e-5)
+    assert all(m.maps is None for n, m in tiny_model.unet.named_modules() if n.endswith("attn2"))
