@@ -256,18 +256,21 @@ class DiGSeg(nn.Module):
 
     # ---- Sec. 3.6: training (Eq. 5, Eq. 6) -----------------------------------------------
 
-    def loss(self, images, masks, prompts, generators):
+    def loss(self, images, masks, prompts, generators, t_max_share=0.0):
         """images (B, 3, H, W) in [-1, 1], masks (B, H, W) in {0, 1}, prompts: B strings -> scalar.
 
         generators: one torch.Generator per sample (train.py seeds them by (seed, epoch, index)), so
-        that a sample's t and noise do not depend on the batch it is in."""
+        that a sample's t and noise do not depend on the batch it is in.
+        t_max_share: NOT the paper (which draws t ~ U{0..T-1}): this share of the samples is trained
+        at t = T-1, the only timestep one-step trailing inference visits (Garcia et al. 2024 train
+        there only). 0 by default; the toy preset uses it, see train.py."""
         if len(generators) != len(images):
             raise ValueError(f"loss() needs one generator per sample: {len(generators)} for {len(images)} images")
         T = len(self.alphas_cumprod)
         with torch.no_grad():
             z_x = self.encode_image(images)                       # (B, 4, h, w)
             z_y = self.encode_mask(masks)                         # (B, 4, h, w)
-        t = torch.cat([torch.randint(0, T, (1,), generator=g) for g in generators])       # t ~ U{0..T-1}
+        t = torch.cat([self.sample_timestep(g, t_max_share) for g in generators])          # t ~ U{0..T-1}
         eps = torch.cat([self.sample_noise(z_y.shape[1:], t[i], g) for i, g in enumerate(generators)])
         t, eps = t.to(self.device), eps.to(self.device)
         z_t = add_noise(z_y.float(), eps, t, self.alphas_cumprod)  # Eq. 5
@@ -280,9 +283,16 @@ class DiGSeg(nn.Module):
             target = z_y.float()
         return F.mse_loss(pred.float(), target)                   # Eq. 6
 
-    def forward(self, images, masks, prompts, generators):
+    def forward(self, images, masks, prompts, generators, t_max_share=0.0):
         """The training loss, so that DistributedDataParallel (which wraps forward) can be used."""
-        return self.loss(images, masks, prompts, generators)
+        return self.loss(images, masks, prompts, generators, t_max_share)
+
+    def sample_timestep(self, generator, t_max_share=0.0):
+        """One sample's t (1,) from its generator: uniform, or T-1 with probability t_max_share."""
+        T = len(self.alphas_cumprod)
+        if t_max_share > 0 and torch.rand((), generator=generator) < t_max_share:
+            return torch.full((1,), T - 1)
+        return torch.randint(0, T, (1,), generator=generator)
 
     def sample_noise(self, shape, t, generator):
         """The noise of one sample (1, C, h, w) at its timestep t, App. A.1. Drawn on the CPU from the

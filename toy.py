@@ -31,7 +31,8 @@ from launch import run
 from model.clip import CLIP, MEAN, STD, CLIPConfig, CLIPTextConfig, CLIPVisionConfig, train_bpe
 from model.unet import UNet2DCondition, UNetConfig
 from model.vae import AutoencoderKL, VAEConfig
-from model.weights import save_clip_folder, save_sd2_folder, write_text_atomic
+from model.diffusion import add_noise, ddim_sample, ddim_timesteps, scaled_linear_alphas_cumprod, velocity
+from model.weights import load_clip, load_sd2, save_clip_folder, save_sd2_folder, write_text_atomic
 from plot import image_grid, line_plot
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -152,6 +153,84 @@ def pretrain_clip(out, steps, batch=64, seed=0):
     return clip.eval(), vocab_dir, threshold
 
 
+# ---- stage 2b (--prior=1): the U-Net as a text-to-image generator, SD2's own pretraining in small ----
+
+def caption(labels):
+    """A scene's caption, its classes in class order: "a circle. a star." (a comma would end the
+    text: the toy BPE vocabulary has no comma, and an unknown character becomes end-of-text)."""
+    return " ".join(f"a {data.TOY_CLASSES[c]}." for c in sorted(int(v) for v in labels.unique() if v >= 0))
+
+
+def pretrain_prior(vae, vae_scale, clip, steps, batch=32, scenes_max=8000, p_uncond=0.1, seed=0):
+    """The toy U-Net (4 input channels, as SD2's) trained as a conditional latent diffusion model:
+    v-prediction on VAE latents of toy scenes, conditioned on their captions through the frozen toy
+    CLIP text tower and a projection to the U-Net's cross-attention width, the caption dropped
+    (empty) with probability p_uncond for classifier-free guidance. The projection is trained with
+    it and then dropped: DiGSeg puts a fresh MLP on top, as the paper does on SD2 (whose U-Net was
+    trained on OpenCLIP-H, while DiGSeg feeds it CLIP-L through a new MLP).
+    -> (U-Net, projection, loss curve)."""
+    from digseg import TextMLP
+    torch.manual_seed(seed)
+    n = min(scenes_max, batch * steps)                   # no more scenes than the steps can see
+    x_all, y_all = scenes(seed + 303, n)
+    with torch.no_grad():
+        z_all = torch.cat([vae.encode(x_all[i:i + 256])[0] for i in range(0, n, 256)]) * vae_scale   # (n, 4, h, w)
+        captions = [caption(y) for y in y_all]
+        hidden = {c: clip.text(clip.tokenizer([c]))[0][0] for c in set(captions) | {""}}             # (77, D)
+    unet, proj = UNet2DCondition(TOY_UNET), TextMLP(clip.config.text_config.hidden_size, TOY_UNET.cross_attention_dim)
+    params = list(unet.parameters()) + list(proj.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    ab = scaled_linear_alphas_cumprod()
+    curve = []
+    for step in range(steps):
+        idx = torch.randint(0, n, (batch,))
+        drop = torch.rand(batch) < p_uncond
+        ctx = proj(torch.stack([hidden["" if d else captions[i]] for i, d in zip(idx.tolist(), drop.tolist())]))
+        z0, eps, t = z_all[idx], torch.randn(batch, *z_all.shape[1:]), torch.randint(0, 1000, (batch,))
+        loss = F.mse_loss(unet(add_noise(z0, eps, t, ab), t, ctx), velocity(z0, eps, t, ab))
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        for g in opt.param_groups:
+            g["lr"] = 1e-3 * 0.5 * (1 + np.cos(np.pi * (step + 1) / steps))
+        curve.append(loss.item())
+        if step % 100 == 0 or step == steps - 1:
+            log(f"prior step {step}/{steps} loss {loss.item():.4f}")
+    return unet.eval(), proj.eval(), curve
+
+
+@torch.no_grad()
+def prior_samples(unet, proj, vae, vae_scale, clip, threshold, per_class=6, steps=20, guidance=3.0, seed=0):
+    """Generate per_class scenes for each prompt "a {class}." with classifier-free guidance
+    (pred = uncond + g (cond - uncond)) through model.diffusion.ddim_sample, DiGSeg's DDIM.
+    -> (images (6 * per_class, H, W, 3) in [0, 1], hit rate: the share in which the toy CLIP
+    finds the asked class, cos(image, "a photo of a {class}.") > its threshold)."""
+    ab = scaled_linear_alphas_cumprod()
+    uncond = proj(clip.text(clip.tokenizer([""]))[0])                                  # (1, 77, C)
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    names = list(data.TOY_CLASSES)
+    classes_text = F.normalize(clip.text(clip.tokenizer([f"a photo of a {c}." for c in names]))[1], dim=-1)
+    images, hits = [], 0
+    for k, name in enumerate(names):
+        cond = proj(clip.text(clip.tokenizer([f"a {name}."]))[0])
+        ctx = torch.cat([uncond.expand(per_class, -1, -1), cond.expand(per_class, -1, -1)])
+
+        def predict(z, t):
+            u, c = unet(torch.cat([z, z]), t, ctx).chunk(2)
+            return u + guidance * (c - u)
+
+        g = torch.Generator().manual_seed(seed + k)
+        z_T = torch.randn(per_class, 4, 16, 16, generator=g)
+        for step in ddim_sample(predict, z_T, ddim_timesteps(steps), ab, "v_prediction"):
+            pass
+        x = vae.decode(step["z_prev"] / vae_scale).clamp(-1, 1)                            # (per_class, 3, H, W)
+        found = F.normalize(clip.image(((x + 1) / 2 - mean) / std)[0], dim=-1) @ classes_text[k]
+        hits += int((found > threshold).sum())
+        images += list(((x + 1) / 2).permute(0, 2, 3, 1).numpy())
+    return images, hits / (len(names) * per_class)
+
+
 QUICK = dict(vae_steps=40, clip_steps=40, train_steps=40)     # the tests and notebooks under test
 
 
@@ -179,15 +258,17 @@ def run_script(script, *flags):
         raise SystemExit(f"toy: {' '.join(cmd)} failed with exit code {code} (its error is above)")
 
 
-def build_world(out="out/toy", vae_steps=1500, clip_steps=600, train_steps=1500):
-    """Stages 1-3, each skipped when built with the same settings. Returns the DiGSeg checkpoint folder."""
+def build_world(out="out/toy", vae_steps=1500, clip_steps=600, train_steps=1500, prior_steps=0, seed=0):
+    """Stages 1-3, each skipped when built with the same settings. prior_steps > 0: stage 2b, and
+    DiGSeg fine-tunes the text-to-image U-Net instead of one from scratch. Returns the DiGSeg
+    checkpoint folder."""
     sd2_dir, clip_dir, run_dir = (os.path.join(out, n) for n in ("sd2", "clip", "digseg"))
     stage1, stage2 = {"vae_steps": vae_steps}, {"clip_steps": clip_steps}
-    stage3 = {**stage1, **stage2, "train_steps": train_steps}
+    stage3 = {**stage1, **stage2, "prior_steps": prior_steps, "train_steps": train_steps, "seed": seed}
     if not stage_is_built(sd2_dir, stage1):
         log("stage 1/4: pretraining the toy VAE on images and masks")
         vae, curve = pretrain_vae(vae_steps)
-        unet = UNet2DCondition(TOY_UNET)          # the U-Net starts from scratch: there is no toy text-to-image stage
+        unet = UNet2DCondition(TOY_UNET)          # from scratch; stage 2b (--prior=1) pretrains one
         save_sd2_folder(sd2_dir, unet, vae, prediction="v_prediction")
         line_plot(os.path.join(out, "vae_loss.png"), {"vae": (range(len(curve)), curve)}, title="toy VAE", logy=True)
         mark_built(sd2_dir, stage1)
@@ -198,12 +279,40 @@ def build_world(out="out/toy", vae_steps=1500, clip_steps=600, train_steps=1500)
         with open(os.path.join(clip_dir, "toy_threshold.txt"), "w") as f:   # for class proposals (App. A.3)
             f.write(f"{threshold}\n")
         mark_built(clip_dir, stage2)
+    base = build_prior(out, sd2_dir, clip_dir, {**stage1, **stage2, "prior_steps": prior_steps}) if prior_steps else sd2_dir
     if not stage_is_built(run_dir, stage3):
-        log("stage 3/4: fine-tuning DiGSeg: python train.py --preset=toy")
-        run_script("train.py", "--preset=toy", f"--max_steps={train_steps}", f"--sd2={sd2_dir}", f"--clip={clip_dir}",
-                   f"--out_dir={run_dir}", "--overwrite=1")
+        log(f"stage 3/4: fine-tuning DiGSeg from {'the text-to-image U-Net' if prior_steps else 'scratch'}: "
+            f"python train.py --preset=toy")
+        run_script("train.py", "--preset=toy", f"--max_steps={train_steps}", f"--sd2={base}", f"--clip={clip_dir}",
+                   f"--out_dir={run_dir}", f"--seed={seed}", "--overwrite=1")
         mark_built(run_dir, stage3)
     return os.path.join(run_dir, "checkpoint")
+
+
+def build_prior(out, sd2_dir, clip_dir, settings):
+    """Stage 2b: the text-to-image U-Net beside the toy VAE in <out>/sd2-prior (a diffusers SD2
+    folder, so DiGSeg loads it through the real loader and widens its conv_in), with a PNG grid of
+    its samples and the toy CLIP's hit rate. Returns the folder."""
+    prior_dir = os.path.join(out, "sd2-prior")
+    if stage_is_built(prior_dir, settings):
+        return prior_dir
+    log("stage 2b: pretraining the toy U-Net as a text-to-image generator (the generative prior)")
+    sd, clip = load_sd2(sd2_dir), load_clip(clip_dir)
+    unet, proj, curve = pretrain_prior(sd.vae, sd.vae_scale, clip, settings["prior_steps"])
+    save_sd2_folder(prior_dir, unet, sd.vae, prediction="v_prediction")
+    with open(os.path.join(clip_dir, "toy_threshold.txt")) as f:
+        threshold = float(f.read())
+    images, hit_rate = prior_samples(unet, proj, sd.vae, sd.vae_scale, clip, threshold)
+    per_class = len(images) // len(data.TOY_CLASSES)
+    image_grid(os.path.join(out, "prior_samples.png"), images,
+               [f"a {c}." for c in data.TOY_CLASSES for _ in range(per_class)], cols=per_class, cell=96)
+    line_plot(os.path.join(out, "prior_loss.png"), {"text-to-image": (range(len(curve)), curve)},
+              title="toy U-Net as a text-to-image model", logy=True)
+    log(f"text-to-image check: the toy CLIP finds the asked class in {hit_rate:.0%} of the generated scenes "
+        f"(grid: {out}/prior_samples.png)")
+    write_text_atomic(os.path.join(prior_dir, "prior_check.json"), json.dumps({"clip_hit_rate": hit_rate}))
+    mark_built(prior_dir, settings)
+    return prior_dir
 
 
 def ensure():
@@ -229,17 +338,74 @@ def notebook_world(real=None):
     return dict(checkpoint=ckpt, sd2=cfg.sd2, clip=cfg.clip, dataset=dataset, data_root=root, out=out)
 
 
+STUDY_SCENES = (50, 200, 1000, 20000)            # labelled training scenes: the paper's Fig. 6 fractions in small
+
+
+def study_prior(out, args):
+    """The paper's premise at toy scale: DiGSeg fine-tuned from the text-to-image U-Net ("prior")
+    vs from scratch, at equal steps, on 50 / 200 / 1000 / all labelled scenes, 3 seeds each; and
+    App. A.2's --trainable=paper vs all on both. Writes <out>/prior/results.json and mIoU.png."""
+    build_world(out, args.vae_steps, args.clip_steps, args.train_steps, 0)
+    bases = {"scratch": os.path.join(out, "sd2"),
+             "prior": build_prior(out, os.path.join(out, "sd2"), os.path.join(out, "clip"),
+                                  {"vae_steps": args.vae_steps, "clip_steps": args.clip_steps,
+                                   "prior_steps": args.prior_steps})}
+    folder = os.path.join(out, "prior")
+
+    def finetune(init, scenes_, seed, trainable="all"):
+        run = os.path.join(folder, f"{init}-{scenes_}-{trainable}-seed{seed}")
+        if not os.path.isfile(os.path.join(run, "eval", "metrics_main.json")):
+            run_script("train.py", "--preset=toy", f"--sd2={bases[init]}", f"--clip={os.path.join(out, 'clip')}",
+                       f"--max_steps={args.study_steps}", f"--fraction={scenes_ / 20000}", f"--seed={seed}",
+                       f"--trainable={trainable}", f"--out_dir={run}", "--overwrite=1", "--log_every=1000")
+            run_script("eval.py", f"--checkpoint={run}/checkpoint", "--dataset=toy", f"--limit={args.val_images}",
+                       f"--out={run}/eval")
+        with open(os.path.join(run, "eval", "metrics_main.json")) as f:
+            return json.load(f)["miou_gt"]
+
+    seeds = range(args.study_seeds)
+    results = {"scenes": list(STUDY_SCENES), "steps": args.study_steps, "val_images": args.val_images}
+    for init in ("scratch", "prior"):
+        results[init] = [[finetune(init, n, seed) for seed in seeds] for n in STUDY_SCENES]
+        log(f"{init}: " + ", ".join(f"{n} scenes {np.mean(r):.3f}" for n, r in zip(STUDY_SCENES, results[init])))
+    results["paper_set"] = {init: [finetune(init, STUDY_SCENES[-1], seed, "paper") for seed in seeds]
+                            for init in ("scratch", "prior")}
+    write_text_atomic(os.path.join(folder, "results.json"), json.dumps(results, indent=2))
+    series = {}
+    for init in ("scratch", "prior"):
+        runs = np.array(results[init])                  # (scenes, seeds)
+        for what, values in (("mean", runs.mean(1)), ("worst seed", runs.min(1)), ("best seed", runs.max(1))):
+            series[f"{init}: {what}"] = (list(STUDY_SCENES), values.tolist())
+    line_plot(os.path.join(folder, "mIoU.png"), series, xlabel="labelled scenes", ylabel="toy val mIoU",
+              title=f"scratch vs text-to-image prior, {args.study_steps} steps, {len(seeds)} seeds")
+    log(f"paper set (App. A.2) on all scenes: scratch {results['paper_set']['scratch']}, "
+        f"prior {results['paper_set']['prior']}; results in {folder}/results.json and mIoU.png")
+    return results
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="out/toy")
     p.add_argument("--vae_steps", type=int, default=1500)
     p.add_argument("--clip_steps", type=int, default=600)
     p.add_argument("--train_steps", type=int, default=1500)
+    p.add_argument("--prior", type=int, default=0, choices=[0, 1],
+                   help="1: fine-tune the U-Net pretrained as a text-to-image model (stage 2b), not one from scratch")
+    p.add_argument("--prior_steps", type=int, default=600, help="stage 2b's steps (batch 32)")
     p.add_argument("--val_images", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0, help="the fine-tuning seed (data order, classes, t and noise)")
+    p.add_argument("--study", default="", choices=["", "prior"], help="prior: scratch vs prior by labelled scenes")
+    p.add_argument("--study_steps", type=int, default=600, help="--study=prior: fine-tuning steps per run")
+    p.add_argument("--study_seeds", type=int, default=3)
     p.add_argument("--debug", default="0", help="1: show the traceback of an error")
     args = p.parse_args(argv)
     t_start = time.time()
-    ckpt = build_world(args.out, args.vae_steps, args.clip_steps, args.train_steps)
+    if args.study == "prior":
+        study_prior(args.out, args)
+        log(f"study done in {(time.time() - t_start) / 60:.1f} min")
+        return 0
+    ckpt = build_world(args.out, args.vae_steps, args.clip_steps, args.train_steps, args.prior_steps * args.prior,
+                       args.seed)
     log("stage 4/4: segmenting and evaluating the validation split (E = 1, S = 1, trailing): python eval.py")
     run_script("eval.py", f"--checkpoint={ckpt}", "--dataset=toy", f"--limit={args.val_images}", "--ensemble=1",
                "--steps=1", "--spacing=trailing", f"--out={args.out}/eval", "--overlays=8")

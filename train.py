@@ -64,6 +64,7 @@ class Settings:
     fraction: float = 1.0            # data-efficiency experiment: 1, 1/2, ... 1/16 (fixed, seeded subset)
     prompt_template: str = "a photo of a {}."
     p_absent: float = 0.0            # probability of drawing an absent class with an empty mask
+    t_max_share: float = 0.0         # share of samples trained at t = T-1 (not the paper: toy preset)
     check_data: bool = True          # read every label map once before step 1 (not for the toy world)
     # optimisation
     batch_size: int = 2              # per process
@@ -107,9 +108,16 @@ PRESETS = {
     # step from t = 999 with epsilon amplifies its error by 1/sqrt(alpha_bar_999) = 14.6 (toy mIoU
     # 0.01 with epsilon vs 0.06-0.08 with v after 1000 steps, measured on an earlier, harder toy
     # world). x0 prediction (--target=sample) ties with v: val mIoU 0.546 vs 0.549 at 1500 steps.
+    # Two departures from the paper, toy only, each measured (100 val scenes, E = 1, S = 1 trailing):
+    # p_absent = 0.3: evaluation scores every class, so the model must learn to answer an absent
+    # class with an empty mask, which it never sees with p_absent = 0 (it turned on > 1 % of the
+    # pixels for 48 % of absent (image, class) pairs); t_max_share = 0.5: one-step trailing
+    # inference only ever runs the U-Net at t = T-1, which uniform t almost never trains. Together:
+    # 0.537 -> 0.752 at 1500 steps (seed 0, same world).
     "toy": dict(dataset="toy", sd2="out/toy/sd2", clip="out/toy/clip", size=64, resolution=64, target="v_prediction",
-                batch_size=16, max_steps=1500, lr=1e-3, warmup_steps=50, decay="cosine", min_lr=1e-4,
-                dtype="fp32", num_workers=0, log_every=50, save_every=500, out_dir="out/toy/digseg"),
+                p_absent=0.3, t_max_share=0.5, batch_size=16, max_steps=1500, lr=1e-3, warmup_steps=50,
+                decay="cosine", min_lr=1e-4, dtype="fp32", num_workers=0, log_every=50, save_every=500,
+                out_dir="out/toy/digseg"),
     # The paper's recipe (Sec. 4.1): 512^2, total batch 16 on 8 GPUs, AdamW 1e-4, 30k steps.
     "ade20k": dict(dataset="ade150", data_root="data/ADEChallengeData2016", size=512, resolution=512,
                    batch_size=2, grad_accum=1, max_steps=30000, lr=1e-4, warmup_steps=500,
@@ -147,6 +155,9 @@ def parse_args(argv):
     for key in ("batch_size", "grad_accum", "max_steps", "keep", "log_every", "save_every", "max_bad_steps"):
         if getattr(s, key) < 1:
             raise UsageError(f"--{key}={getattr(s, key)}: expected an integer >= 1")
+    for key in ("p_absent", "t_max_share", "fraction"):
+        if not 0 <= getattr(s, key) <= 1:
+            raise UsageError(f"--{key}={getattr(s, key)}: expected a number in [0, 1]")
     return s
 
 
@@ -397,7 +408,8 @@ def train(s):
             last = micro == s.grad_accum - 1
             with ddp_model.no_sync() if procs.ddp and not last else nullcontext():
                 with autocast:
-                    loss = ddp_model(batch["image"].to(device), batch["mask"].to(device), batch["prompt"], gens)
+                    loss = ddp_model(batch["image"].to(device), batch["mask"].to(device), batch["prompt"], gens,
+                                     s.t_max_share)
                 scaler.scale(loss / s.grad_accum).backward()
             total += loss.detach().float() / s.grad_accum
             seen += len(indices) * procs.world

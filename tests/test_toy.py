@@ -56,3 +56,28 @@ def test_each_class_paints_in_its_own_hue_family():
             hue = colorsys.rgb_to_hsv(r, g, b)[0]
             distance = abs((hue - data.TOY_HUES[cls] + 0.5) % 1.0 - 0.5)    # on the hue circle
             assert distance < 0.045, (index, data.TOY_CLASSES[cls], hue)
+
+
+def test_the_prior_stage_trains_saves_and_digseg_widens_it(tmp_path):
+    """Stage 2b's plumbing: the text-to-image U-Net is saved as an SD2 folder, its samples and the
+    CLIP check are written, and DiGSeg fine-tunes it through the real loader with conv_in widened."""
+    import json
+    import os
+
+    import toy
+    from digseg import DiGSeg
+    from model.weights import load_sd2
+    out = str(tmp_path / "toy")
+    ckpt = toy.build_world(out, vae_steps=2, clip_steps=2, train_steps=2, prior_steps=3)
+    prior = load_sd2(os.path.join(out, "sd2-prior"))
+    scratch = load_sd2(os.path.join(out, "sd2"))
+    assert prior.unet.conv_in.in_channels == 4
+    assert not torch.equal(prior.unet.conv_out.weight, scratch.unet.conv_out.weight)      # it trained
+    assert os.path.isfile(os.path.join(out, "prior_samples.png"))
+    assert 0 <= json.load(open(os.path.join(out, "sd2-prior", "prior_check.json")))["clip_hit_rate"] <= 1
+    cfg = DiGSeg.config_of(ckpt)
+    assert cfg.sd2 == os.path.abspath(os.path.join(out, "sd2-prior"))
+    fresh = DiGSeg.from_weights(cfg.sd2, cfg.clip)
+    w = fresh.unet.conv_in.weight
+    assert w.shape[1] == 8 and torch.allclose(w[:, :4] * 2, prior.unet.conv_in.weight)
+    assert torch.equal(fresh.unet.mid_block.attentions[0].proj_in.weight, prior.unet.mid_block.attentions[0].proj_in.weight)
