@@ -217,3 +217,12 @@ def test_cross_attention_maps_are_probabilities_over_the_prompt_and_change_nothi
         assert m.shape[0] == 2 and m.shape[2] == 77
         assert torch.allclose(m.sum(-1), torch.ones_like(m[..., 0]), atol=1e-5)
     assert all(m.maps is None for n, m in tiny_model.unet.named_modules() if n.endswith("attn2"))
+
+
+def test_t_max_share_draws_from_the_samples_generator(tiny_model):
+    """0 (the paper): t ~ U{0..T-1}, exactly the draws of before; 1: always T-1; between: that share."""
+    plain = [torch.randint(0, 1000, (1,), generator=torch.Generator().manual_seed(i)).item() for i in range(50)]
+    assert [tiny_model.sample_timestep(torch.Generator().manual_seed(i)).item() for i in range(50)] == plain
+    assert {tiny_model.sample_timestep(torch.Generator().manual_seed(i), 1.0).item() for i in range(20)} == {999}
+    share = sum(tiny_model.sample_timestep(torch.Generator().manual_seed(i), 0.5).item() == 999 for i in range(400)) / 400
+    assert 0.4 < share < 0.6
