@@ -262,9 +262,25 @@ def build_world(out="out/toy", vae_steps=1500, clip_steps=600, train_steps=1500,
     """Stages 1-3, each skipped when built with the same settings. prior_steps > 0: stage 2b, and
     DiGSeg fine-tunes the text-to-image U-Net instead of one from scratch. Returns the DiGSeg
     checkpoint folder."""
-    sd2_dir, clip_dir, run_dir = (os.path.join(out, n) for n in ("sd2", "clip", "digseg"))
+    sd2_dir, clip_dir = build_bases(out, vae_steps, clip_steps)
+    run_dir = os.path.join(out, "digseg")
+    stage3 = {"vae_steps": vae_steps, "clip_steps": clip_steps, "prior_steps": prior_steps, "train_steps": train_steps,
+              "seed": seed}
+    base = build_prior(out, sd2_dir, clip_dir, {"vae_steps": vae_steps, "clip_steps": clip_steps,
+                                                "prior_steps": prior_steps}) if prior_steps else sd2_dir
+    if not stage_is_built(run_dir, stage3):
+        log(f"stage 3/4: fine-tuning DiGSeg from {'the text-to-image U-Net' if prior_steps else 'scratch'}: "
+            f"python train.py --preset=toy")
+        run_script("train.py", "--preset=toy", f"--max_steps={train_steps}", f"--sd2={base}", f"--clip={clip_dir}",
+                   f"--out_dir={run_dir}", f"--seed={seed}", "--overwrite=1")
+        mark_built(run_dir, stage3)
+    return os.path.join(run_dir, "checkpoint")
+
+
+def build_bases(out, vae_steps, clip_steps):
+    """Stages 1 and 2, the pretrained pieces: -> (SD2 folder, CLIP folder)."""
+    sd2_dir, clip_dir = os.path.join(out, "sd2"), os.path.join(out, "clip")
     stage1, stage2 = {"vae_steps": vae_steps}, {"clip_steps": clip_steps}
-    stage3 = {**stage1, **stage2, "prior_steps": prior_steps, "train_steps": train_steps, "seed": seed}
     if not stage_is_built(sd2_dir, stage1):
         log("stage 1/4: pretraining the toy VAE on images and masks")
         vae, curve = pretrain_vae(vae_steps)
@@ -279,14 +295,7 @@ def build_world(out="out/toy", vae_steps=1500, clip_steps=600, train_steps=1500,
         with open(os.path.join(clip_dir, "toy_threshold.txt"), "w") as f:   # for class proposals (App. A.3)
             f.write(f"{threshold}\n")
         mark_built(clip_dir, stage2)
-    base = build_prior(out, sd2_dir, clip_dir, {**stage1, **stage2, "prior_steps": prior_steps}) if prior_steps else sd2_dir
-    if not stage_is_built(run_dir, stage3):
-        log(f"stage 3/4: fine-tuning DiGSeg from {'the text-to-image U-Net' if prior_steps else 'scratch'}: "
-            f"python train.py --preset=toy")
-        run_script("train.py", "--preset=toy", f"--max_steps={train_steps}", f"--sd2={base}", f"--clip={clip_dir}",
-                   f"--out_dir={run_dir}", f"--seed={seed}", "--overwrite=1")
-        mark_built(run_dir, stage3)
-    return os.path.join(run_dir, "checkpoint")
+    return sd2_dir, clip_dir
 
 
 def build_prior(out, sd2_dir, clip_dir, settings):
@@ -345,11 +354,10 @@ def study_prior(out, args):
     """The paper's premise at toy scale: DiGSeg fine-tuned from the text-to-image U-Net ("prior")
     vs from scratch, at equal steps, on 50 / 200 / 1000 / all labelled scenes, 3 seeds each; and
     App. A.2's --trainable=paper vs all on both. Writes <out>/prior/results.json and mIoU.png."""
-    build_world(out, args.vae_steps, args.clip_steps, args.train_steps, 0)
-    bases = {"scratch": os.path.join(out, "sd2"),
-             "prior": build_prior(out, os.path.join(out, "sd2"), os.path.join(out, "clip"),
-                                  {"vae_steps": args.vae_steps, "clip_steps": args.clip_steps,
-                                   "prior_steps": args.prior_steps})}
+    sd2_dir, clip_dir = build_bases(out, args.vae_steps, args.clip_steps)
+    bases = {"scratch": sd2_dir,
+             "prior": build_prior(out, sd2_dir, clip_dir, {"vae_steps": args.vae_steps, "clip_steps": args.clip_steps,
+                                                           "prior_steps": args.prior_steps})}
     folder = os.path.join(out, "prior")
 
     def finetune(init, scenes_, seed, trainable="all"):
