@@ -383,8 +383,9 @@ def study_prior(out, args):
     for init in ("scratch", "prior"):
         runs = np.array(results[init])                  # (scenes, seeds)
         for what, values in (("mean", runs.mean(1)), ("worst seed", runs.min(1)), ("best seed", runs.max(1))):
-            series[f"{init}: {what}"] = (list(STUDY_SCENES), values.tolist())
-    line_plot(os.path.join(folder, "mIoU.png"), series, xlabel="labelled scenes", ylabel="toy val mIoU",
+            series[f"{init}: {what}"] = (np.log10(STUDY_SCENES).tolist(), values.tolist())
+    line_plot(os.path.join(folder, "mIoU.png"), series, ylabel="toy val mIoU",
+              xlabel="log10 of the labelled scenes (" + ", ".join(map(str, STUDY_SCENES)) + ")",
               title=f"scratch vs text-to-image prior, {args.study_steps} steps, {len(seeds)} seeds")
     log(f"paper set (App. A.2) on all scenes: scratch {results['paper_set']['scratch']}, "
         f"prior {results['paper_set']['prior']}; results in {folder}/results.json and mIoU.png")
