@@ -56,6 +56,21 @@ def log(msg):
     print(f"[toy {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def optimizer_step(opt, loss, step, steps, lr, curve, name, clip=None):
+    """One step of a pretraining stage: backward (gradient norm clipped to 1 over `clip` if given),
+    AdamW, the learning rate of the next step on a cosine from `lr` to 0, the loss logged."""
+    opt.zero_grad()
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(clip, 1.0)
+    opt.step()
+    for g in opt.param_groups:
+        g["lr"] = lr * 0.5 * (1 + np.cos(np.pi * (step + 1) / steps))
+    curve.append(loss.item())
+    if step % 100 == 0 or step == steps - 1:
+        log(f"{name} step {step}/{steps} loss {loss.item():.4f}")
+
+
 def scenes(seed, n, size=64):
     """n toy scenes as tensors: images (n, 3, S, S) in [-1, 1], labels (n, S, S) (-1 = no shape)."""
     imgs, labs = zip(*(data.toy_scene(seed, i, size) for i in range(n)))
@@ -94,14 +109,7 @@ def pretrain_vae(steps, batch=32, crop=32, seed=0):
         rec = vae.decode(z)
         kl = 0.5 * (mean**2 + logvar.exp() - 1 - logvar).mean()
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-4 * kl
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        for g in opt.param_groups:
-            g["lr"] = 2e-3 * 0.5 * (1 + np.cos(np.pi * (step + 1) / steps))
-        curve.append(loss.item())
-        if step % 100 == 0 or step == steps - 1:
-            log(f"vae step {step}/{steps} loss {loss.item():.4f}")
+        optimizer_step(opt, loss, step, steps, 2e-3, curve, "vae")
     with torch.no_grad():
         z = vae.encode(x_all[:256])[0]
         vae.config.scaling_factor = float(1 / z.std())
@@ -188,15 +196,7 @@ def pretrain_prior(vae, vae_scale, clip, steps, batch=32, scenes_max=8000, p_unc
         ctx = proj(torch.stack([hidden["" if d else captions[i]] for i, d in zip(idx.tolist(), drop.tolist())]))
         z0, eps, t = z_all[idx], torch.randn(batch, *z_all.shape[1:]), torch.randint(0, 1000, (batch,))
         loss = F.mse_loss(unet(add_noise(z0, eps, t, ab), t, ctx), velocity(z0, eps, t, ab))
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        for g in opt.param_groups:
-            g["lr"] = 1e-3 * 0.5 * (1 + np.cos(np.pi * (step + 1) / steps))
-        curve.append(loss.item())
-        if step % 100 == 0 or step == steps - 1:
-            log(f"prior step {step}/{steps} loss {loss.item():.4f}")
+        optimizer_step(opt, loss, step, steps, 1e-3, curve, "prior", clip=params)
     return unet.eval(), proj.eval(), curve
 
 

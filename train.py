@@ -255,10 +255,10 @@ def save_checkpoint(out_dir, model, state, s):
 def prepare_out_dir(s, resumed_from):
     """Refuse to overwrite a run by mistake: a fresh run into an out_dir with checkpoints, or a
     resume from an older checkpoint of a run that has newer ones (they would be replaced)."""
-    existing = checkpoints(s.out_dir)
-    later = [f for step, f in existing if resumed_from is None or step > resumed_from[0]]
-    if resumed_from is not None and os.path.abspath(os.path.dirname(resumed_from[1])) != os.path.abspath(s.out_dir):
-        later = [f for _, f in existing]           # resuming into another run's folder
+    elsewhere = (resumed_from is not None and
+                 os.path.abspath(os.path.dirname(resumed_from[1])) != os.path.abspath(s.out_dir))
+    later = [f for step, f in checkpoints(s.out_dir)                # all of them in another run's folder
+             if resumed_from is None or elsewhere or step > resumed_from[0]]
     if later and not s.overwrite:
         what = "a fresh run" if resumed_from is None else f"resuming from step {resumed_from[0]}"
         raise UsageError(f"--out_dir={s.out_dir} holds checkpoints ({', '.join(map(os.path.basename, later))}) that "
