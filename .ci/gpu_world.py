@@ -1,0 +1,59 @@
+"""Real-shape weights and data for checks on a GPU machine (no internet there): SD2-base (U-Net +
+VAE, diffusers folder) and CLIP ViT-L/14 (HF folder) with random weights, written by the project's
+own writers, and a `folder` dataset of random "photos" with 4-class label maps.
+
+    python .ci/gpu_world.py OUT_DIR BPE_GZ     # BPE_GZ: bpe_simple_vocab_16e6.txt.gz (open_clip's wheel)
+"""
+import gzip
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from model.clip import CLIP, PRESETS as CLIPS, Tokenizer                          # noqa: E402
+from model.unet import PRESETS as UNETS, UNet2DCondition                        # noqa: E402
+from model.vae import PRESETS as VAES, AutoencoderKL                            # noqa: E402
+from model.weights import save_clip_folder, save_sd2_folder                     # noqa: E402
+
+
+def main(out, bpe_gz):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet, vae = UNet2DCondition(UNETS["sd2-base"]), AutoencoderKL(VAES["sd2-base"])
+    save_sd2_folder(os.path.join(out, "sd2"), unet, vae)
+    with torch.device(device):
+        clip = CLIP(CLIPS["clip-vit-l14"])
+    vocab_dir = os.path.join(out, "vocab")                  # the OpenAI merges as HF's vocab.json + merges.txt
+    os.makedirs(vocab_dir, exist_ok=True)
+    with gzip.open(bpe_gz, "rt", encoding="utf-8") as f:
+        merges = f.read().split("\n")[1:49152 - 256 - 2 + 1]      # as Tokenizer.from_openai reads them
+    with open(os.path.join(vocab_dir, "vocab.json"), "w") as f:
+        json.dump(Tokenizer.from_openai(bpe_gz).tok.get_vocab(), f)
+    with open(os.path.join(vocab_dir, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n" + "".join(m + "\n" for m in merges))
+    save_clip_folder(os.path.join(out, "clip"), clip, vocab_dir)
+    rng = np.random.default_rng(0)
+    data = os.path.join(out, "data")
+    with open(os.path.join(os.makedirs(data, exist_ok=True) or data, "classes.txt"), "w") as f:
+        f.write("sky\ntree\nroad\ncar\n")
+    for split, n in (("train", 320), ("val", 16)):   # several batches of 16 per epoch
+        for d in ("images", "masks"):
+            os.makedirs(os.path.join(data, d, split), exist_ok=True)
+        for i in range(n):
+            h, w = (480, 640) if i % 2 else (640, 480)
+            label = np.zeros((h, w), np.uint8)
+            label[h // 3:, :] = 2
+            label[h // 2:h // 2 + 60, w // 4:w // 4 + 120] = 3
+            label[:h // 3, : w // 3] = 1
+            pixels = rng.random((h, w, 3)) * 60 + label[..., None] * 50
+            Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(os.path.join(data, "images", split, f"{i:03d}.jpg"))
+            Image.fromarray(label).save(os.path.join(data, "masks", split, f"{i:03d}.png"))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
