@@ -6,6 +6,8 @@ same threads, same configs, random weights.
     python bench.py --device=cuda    # the GPU sections: U-Net vs diffusers at batch 2 and 16 (autocast
                                      # over fp32 weights, and bf16 weights), segment() throughput,
                                      # training steps by batch size with and without checkpointing
+    python bench.py --device=cuda --only=choices,profile   # what each speed choice buys (layouts,
+                                     # cudnn.benchmark, compiled VAE); where a step's GPU time goes
 """
 import argparse
 import os
@@ -286,14 +288,12 @@ def bench_cuda_unet():
 
 def bench_cuda_segment():
     """segment() at 512^2 on the SD2 config: masks (classes) or images per second, plain fp32 vs bf16
-    weights with channels_last (eval.py --dtype=bf16 / sample.py --dtype=bf16)."""
+    weights (eval.py --dtype=bf16 / sample.py --dtype=bf16)."""
     image = torch.rand(3, 512, 512) * 2 - 1
     cases = [("E=1 S=1, 1 class", 1, 1, 1), ("E=1 S=1, 8 classes", 8, 1, 1), ("E=8 S=2, 1 class", 1, 8, 2)]
     print(f"\nsegment() 512^2, SD2-base config, {torch.cuda.get_device_name()} (median of 3)")
-    for label, dtype in (("fp32", torch.float32), ("bf16 + channels_last", torch.bfloat16)):
+    for label, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         model = sd2_digseg("cuda").to(dtype).eval()
-        if dtype != torch.float32:
-            model.tune_for_cuda()
         with torch.inference_mode():
             for what, K, E, S in cases:
                 names = [f"class {i}" for i in range(K)]
@@ -307,42 +307,137 @@ def bench_cuda_segment():
 
 def bench_cuda_train():
     """The training step of train.py without data loading (bf16 autocast over fp32 weights, the
-    frozen VAE and text in bf16, channels_last, fused AdamW, trainable=all), 512^2, by batch size,
-    with and without gradient checkpointing: images/s and peak memory."""
+    frozen VAE and text in bf16, fused AdamW, trainable=all), 512^2, by batch size, with and
+    without gradient checkpointing, and at batch 16 with --compile=1 (U-Net and VAE encoder
+    compiled): images/s and peak memory."""
     model = sd2_digseg("cuda").train()
     model.tune_for_cuda(frozen_dtype=torch.bfloat16)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
     print(f"\ntraining step, SD2-base config, 512^2, bf16 autocast, {torch.cuda.get_device_name()} (median of 3 steps)")
-    for checkpointing in (False, True):
+    cases = [(ckpt, batch, False) for ckpt in (False, True) for batch in (2, 8, 16, 32, 48)] + [(False, 16, True)]
+    for checkpointing, batch, compiled in cases:
         model.unet.gradient_checkpointing = checkpointing
-        for batch in (2, 8, 16, 32, 48):
-            image = torch.rand(batch, 3, 512, 512, device="cuda") * 2 - 1
-            mask = (torch.rand(batch, 512, 512, device="cuda") > 0.5).float()
+        if compiled:
+            model.tune_for_cuda(compile=True)
+        image = torch.rand(batch, 3, 512, 512, device="cuda") * 2 - 1
+        mask = (torch.rand(batch, 512, 512, device="cuda") > 0.5).float()
+
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model.loss(image, mask, ["a photo of a cat."] * batch,
+                                  [torch.Generator().manual_seed(i) for i in range(batch)])
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        what = f"checkpointing={int(checkpointing)} compile={int(compiled)} batch {batch:3d}"
+        try:
+            start = time.perf_counter()
+            step()                                       # warm-up (and compiling), AdamW state
+            sync()
+            first = time.perf_counter() - start
+            torch.cuda.reset_peak_memory_stats()
+            sec = median_seconds([step])[0]
+            peak = torch.cuda.max_memory_allocated() / 2**30
+            print(f"  {what}: {batch / sec:6.1f} img/s, {sec * 1000:7.1f} ms/step, peak {peak:5.1f} GiB"
+                  + (f" (first step {first:.0f} s)" if compiled else ""), flush=True)
+        except torch.OutOfMemoryError:
+            print(f"  {what}: out of memory")
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+
+
+def bench_cuda_choices():
+    """What each speed choice buys on this GPU, side by side in one run: the memory layout (NCHW vs
+    channels_last) of the bf16 VAE and of the U-Net's training pass, cudnn.benchmark, and
+    torch.compile of the VAE encoder alone (the frozen half of a training step's FLOPs)."""
+    from model.unet import UNet2DCondition, UNetConfig
+    from model.vae import PRESETS as VAES, AutoencoderKL
+    bf16, layouts = torch.bfloat16, {"NCHW": torch.contiguous_format, "NHWC": torch.channels_last}
+    torch.manual_seed(0)
+    vae = AutoencoderKL(VAES["sd2-base"]).cuda().eval().to(bf16)
+    x = torch.rand(16, 3, 512, 512, device="cuda", dtype=bf16) * 2 - 1
+    z = torch.randn(1, 4, 64, 64, device="cuda", dtype=bf16)
+    print(f"\nspeed choices, {torch.cuda.get_device_name()} (median of 5)")
+
+    def ms(fn, runs=5):
+        with torch.inference_mode():
+            fn()
+            return median_seconds([fn], runs)[0] * 1000
+
+    for benchmark in (False, True):
+        torch.backends.cudnn.benchmark = benchmark
+        for name, layout in layouts.items():
+            vae.to(memory_format=layout)
+            xl, zl = x.contiguous(memory_format=layout), z.contiguous(memory_format=layout)
+            print(f"  VAE bf16 {name} cudnn.benchmark={int(benchmark)}: encode b16 512^2 {ms(lambda: vae.encode(xl)):7.1f} ms,"
+                  f" decode b1 {ms(lambda: vae.decode(zl)):6.1f} ms")
+    for name, layout in layouts.items():
+        vae.to(memory_format=layout)
+        xl = x.contiguous(memory_format=layout)
+        encode = torch.compile(vae.encode, dynamic=False)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            encode(xl)
+        sync()
+        print(f"  VAE bf16 {name} encode compiled: {ms(lambda: encode(xl)):7.1f} ms (compiling took "
+              f"{time.perf_counter() - start:.0f} s)")
+    del vae, x
+    unet = UNet2DCondition(UNetConfig(in_channels=8)).cuda().train()
+    for batch in (2, 16):
+        xu = torch.randn(batch, 8, 64, 64, device="cuda")
+        t, c = torch.randint(0, 1000, (batch,), device="cuda"), torch.randn(batch, 77, 1024, device="cuda")
+        for name, layout in layouts.items():
+            unet.to(memory_format=layout)
+            xl = xu.contiguous(memory_format=layout)
 
             def step():
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    loss = model.loss(image, mask, ["a photo of a cat."] * batch,
-                                      [torch.Generator().manual_seed(i) for i in range(batch)])
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                with torch.autocast("cuda", dtype=bf16):
+                    out = unet(xl, t, c)
+                out.float().square().mean().backward()
+                unet.zero_grad(set_to_none=True)
 
-            try:
-                step()                                   # warm-up, AdamW state
-                torch.cuda.reset_peak_memory_stats()
-                sec = median_seconds([step])[0]
-                peak = torch.cuda.max_memory_allocated() / 2**30
-                print(f"  checkpointing={int(checkpointing)} batch {batch:3d}: {batch / sec:6.1f} img/s, "
-                      f"{sec * 1000:7.1f} ms/step, peak {peak:5.1f} GiB")
-            except torch.OutOfMemoryError:
-                print(f"  checkpointing={int(checkpointing)} batch {batch:3d}: out of memory")
-            opt.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
+            step()
+            print(f"  U-Net fwd+bwd b{batch} autocast {name} cudnn.benchmark=1: {median_seconds([step], 5)[0] * 1000:7.1f} ms")
+    torch.backends.cudnn.benchmark = False
+
+
+def bench_cuda_profile():
+    """Where a training step's GPU time goes (bf16, batch 16, as train.py runs it), and one-class
+    segment(): the top kernels by GPU time, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+    model = sd2_digseg("cuda").train()
+    model.tune_for_cuda(frozen_dtype=torch.bfloat16)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
+    image = torch.rand(16, 3, 512, 512, device="cuda") * 2 - 1
+    mask = (torch.rand(16, 512, 512, device="cuda") > 0.5).float()
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model.loss(image, mask, ["a photo of a cat."] * 16, [torch.Generator().manual_seed(i) for i in range(16)])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def show(title, fn):
+        fn()
+        sync()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fn()
+            sync()
+        print(f"\n{title}\n" + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=60))
+
+    show("training step, batch 16, bf16 (profile)", step)
+    model.eval()
+    image1 = torch.rand(3, 512, 512) * 2 - 1
+    with torch.inference_mode():
+        show("segment() E=1 S=1 one class, fp32 weights (profile)", lambda: model.segment(image1, ["cat"], ensemble=1, steps=1))
 
 
 SECTIONS = {"sd2": bench_sd2, "clip": bench_clip, "digseg": bench_digseg, "train": bench_train}
-CUDA_SECTIONS = {"unet": bench_cuda_unet, "segment": bench_cuda_segment, "train": bench_cuda_train}
+CUDA_SECTIONS = {"unet": bench_cuda_unet, "segment": bench_cuda_segment, "train": bench_cuda_train,
+                 "choices": bench_cuda_choices, "profile": bench_cuda_profile}
 
 
 def main():

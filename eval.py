@@ -220,7 +220,7 @@ def main(argv=None):
     args.out = args.out or default_out(args.checkpoint, digest, args.dataset, args.split)
     os.makedirs(args.out, exist_ok=True)
     model = DiGSeg.from_checkpoint(args.checkpoint, dtype=DTYPES[args.dtype], device=procs.device,
-                                   sd2=args.sd2 or None, clip=args.clip or None).eval().tune_for_cuda()
+                                   sd2=args.sd2 or None, clip=args.clip or None).eval()
     n = min(len(ds), args.limit or len(ds))
     results, rows = {}, study_rows(args)
     for tag, E, S, spacing in rows:

@@ -98,7 +98,7 @@ def main(argv=None):
         raise UsageError(f"no images found in {args.inputs}")
     device = pick_device(args.device)
     model = DiGSeg.from_checkpoint(args.checkpoint, dtype=DTYPES[args.dtype], device=device, sd2=args.sd2 or None,
-                                   clip=args.clip or None).eval().tune_for_cuda()
+                                   clip=args.clip or None).eval()
     failed = []
     for i, (path, name) in enumerate(zip(paths, output_names(paths))):
         t0 = time.time()

@@ -78,7 +78,7 @@ class Settings:
     grad_clip: float = 1.0           # 0 = off
     dtype: str = "bf16"              # autocast dtype; GradScaler only for fp16
     grad_checkpointing: bool = False  # recompute U-Net activations in the backward pass: less memory
-    compile: bool = False            # torch.compile the U-Net (static shapes; the first steps compile)
+    compile: bool = False            # torch.compile the U-Net and VAE encoder (static shapes; step 1 compiles)
     # bookkeeping
     out_dir: str = "out/train"
     overwrite: bool = False          # a fresh run may replace the checkpoints in out_dir
@@ -194,7 +194,7 @@ def batch_stream(train_set, sampler, s, epoch, position):
         plan = epoch_batches(sampler, epoch, s.batch_size)
         train_set.set_epoch(epoch)
         loader = DataLoader(train_set, batch_sampler=plan[position:], num_workers=s.num_workers,
-                            collate_fn=data.collate)
+                            collate_fn=data.collate, pin_memory=torch.cuda.is_available() and s.device != "cpu")
         for indices, batch in zip(plan[position:], loader):
             position += 1
             yield epoch, position, indices, batch
@@ -357,9 +357,7 @@ def train(s):
                                     clip_vocab=s.clip_vocab)
     model.train()                                 # the U-Net and MLP; the frozen parts stay in eval mode
     model.unet.gradient_checkpointing = s.grad_checkpointing
-    model.tune_for_cuda(frozen_dtype=torch.bfloat16 if s.dtype == "bf16" else None)
-    if s.compile:
-        model.unet.compile(dynamic=False)         # in place: the saved names stay those of the U-Net
+    model.tune_for_cuda(frozen_dtype=torch.bfloat16 if s.dtype == "bf16" else None, compile=s.compile)
     optimizer = make_optimizer(model, s, device)
     params = [p for p in model.parameters() if p.requires_grad]
     log(f"parameters: {sum(p.numel() for p in model.parameters()):,} in all, "
@@ -408,7 +406,8 @@ def train(s):
             last = micro == s.grad_accum - 1
             with ddp_model.no_sync() if procs.ddp and not last else nullcontext():
                 with autocast:
-                    loss = ddp_model(batch["image"].to(device), batch["mask"].to(device), batch["prompt"], gens,
+                    loss = ddp_model(batch["image"].to(device, non_blocking=True),
+                                     batch["mask"].to(device, non_blocking=True), batch["prompt"], gens,
                                      s.t_max_share)
                 scaler.scale(loss / s.grad_accum).backward()
             total += loss.detach().float() / s.grad_accum
@@ -435,7 +434,8 @@ def train(s):
         losses.append((step, total.item()))
 
         if master and (step % s.log_every == 0 or step == s.max_steps):
-            rate = seen / (time.time() - t0)
+            rate = seen / (time.time() - t0)          # over the steps since the last log line
+            t0, seen = time.time(), 0
             memory = f" | {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else ""
             print(f"step {step}/{s.max_steps} | loss {losses[-1][1]:.4f} | lr {lr:.2e} | {rate:.1f} img/s{memory} | "
                   f"ETA {(s.max_steps - step) * total_batch / max(rate, 1e-9) / 60:.1f} min", flush=True)

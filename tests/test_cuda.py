@@ -106,8 +106,8 @@ def test_segment_in_half_precision_matches_fp32(tiny_model, tmp_path, dtype, tol
     p16 = half.segment(image, ["circle", "star"], ensemble=2, steps=2)
     assert p16.dtype == torch.float32 and torch.isfinite(p16).all()
     assert (p16 - p32).abs().max().item() < tol
-    tuned = DiGSeg.from_checkpoint(tmp_path / "ckpt", device=DEVICE).eval().tune_for_cuda()   # channels_last
-    assert (tuned.segment(image, ["circle", "star"], ensemble=2, steps=2) - p32).abs().max().item() < 1e-3
+    tuned = DiGSeg.from_checkpoint(tmp_path / "ckpt", device=DEVICE).eval().tune_for_cuda(frozen_dtype=torch.bfloat16)
+    assert (tuned.segment(image, ["circle", "star"], ensemble=2, steps=2) - p32).abs().max().item() < 0.05   # bf16 VAE
 
 
 @needs_cuda
