@@ -163,6 +163,25 @@ def deepglobe_ids(C, ignore):
     return {v: 0 if v >= 128 else NONE for v in range(256)}
 
 
+def loveda_ids(C, ignore):
+    """LoveDA masks: 0 = no data (ignore), 1..7 = background, building, road, water, barren,
+    forest, agriculture -> classes 0..6 (the 7 classes LoveDA's mIoU counts)."""
+    return {0: ignore, **{v: v - 1 for v in range(1, 8)}}
+
+
+def voc_ids(C, ignore):
+    """PASCAL VOC SegmentationClass (palette PNG; read as indices): 0 = background (no class: the
+    background threshold predicts it), 1..20 -> classes 0..19, 255 = void (object borders) -> ignore."""
+    return {0: NONE, **{v: v - 1 for v in range(1, 21)}, 255: ignore}
+
+
+def brats_ids(C, ignore):
+    """BraTS 2021 labels on a slice: 0 background (no class), 2 edema -> whole tumour (0),
+    1 necrotic core -> tumour core (1), 4 enhancing -> enhancing tumour (2). The regions BraTS
+    scores nest (whole > core > enhancing): Spec.nested makes each region's mask the union."""
+    return {0: NONE, 2: 0, 1: 1, 4: 2}
+
+
 def refuge_ids(C, ignore):
     """REFUGE masks (grey levels): 255 background (NONE), 128 disc rim -> 0, 0 cup -> 1. Label 0
     ('optic disc') is only the rim in the label map; the class 'optic disc' = rim + cup comes from
@@ -185,6 +204,8 @@ class Spec:
     mask_mode: str = ""              # PIL mode to read label maps in ("L": grey levels)
     nested: dict = field(default_factory=dict)   # class -> classes whose pixels it also covers
     metric: str = "miou"             # "miou" (confusion matrix) or "binary" (IoU and Dice per class)
+    domains: tuple = ()              # sub-collections that {domain} in images/masks runs over
+    split_list: str = ""             # a file of the split's sample names ({split}); others are left out
 
 
 DATASETS = {
@@ -247,6 +268,34 @@ DATASETS = {
         images="{split}/images", image_suffix=(".jpg",), masks="{split}/mask", mask_suffix=".bmp",
         splits={"train": "train", "val": "val", "test": "test"}, classes="refuge", label_table=refuge_ids,
         mask_mode="L", nested={0: (1,)}, metric="binary"),
+    # BDD100K semantic segmentation (bdd100k.com, "10K Images" + "Segmentation"): Cityscapes' 19 trainIds.
+    "bdd100k": Spec(
+        layout="images/10k/{train,val}/*.jpg and labels/sem_seg/masks/{train,val}/*.png "
+               "(trainIds 0..18 as Cityscapes, 255 = ignore)",
+        images="images/10k/{split}", image_suffix=(".jpg",), masks="labels/sem_seg/masks/{split}", mask_suffix=".png",
+        splits={"train": "train", "val": "val"}, classes="cityscapes19", label_table=same_ids),
+    # LoveDA (github.com/Junjue-Wang/LoveDA), Train.zip / Val.zip unzipped: urban and rural scenes.
+    "loveda": Spec(
+        layout="{Train,Val}/{Urban,Rural}/images_png/*.png and {Train,Val}/{Urban,Rural}/masks_png/*.png "
+               "(0 no data = ignore, 1..7 background, building, road, water, barren, forest, agriculture)",
+        images="{split}/{domain}/images_png", image_suffix=(".png",), masks="{split}/{domain}/masks_png",
+        mask_suffix=".png", splits={"train": "Train", "val": "Val"}, classes="loveda", label_table=loveda_ids,
+        domains=("Urban", "Rural")),
+    # PASCAL VOC 2012 (VOCdevkit/VOC2012 as unpacked): the segmentation subset named by the split lists.
+    "voc": Spec(
+        layout="JPEGImages/*.jpg, SegmentationClass/*.png (palette indices: 0 background, 1..20 classes, "
+               "255 void) and ImageSets/Segmentation/{train,val}.txt",
+        images="JPEGImages", image_suffix=(".jpg",), masks="SegmentationClass", mask_suffix=".png",
+        splits={"train": "train", "val": "val"}, classes="voc", label_table=voc_ids,
+        split_list="ImageSets/Segmentation/{split}.txt"),
+    # BraTS 2021 as 2-D slices (our layout; the release is 3-D NIfTI, see the README for the recipe):
+    # one PNG per axial slice, the image a grey or RGB composite of the MRI sequences.
+    "brats": Spec(
+        layout="{train,val}/images/<case>_<slice>.png (8-bit slice) and {train,val}/masks/<case>_<slice>.png "
+               "(BraTS labels 0 background, 1 necrotic core, 2 edema, 4 enhancing tumour)",
+        images="{split}/images", image_suffix=(".png",), masks="{split}/masks", mask_suffix=".png",
+        splits={"train": "train", "val": "val"}, classes="brats", label_table=brats_ids, mask_mode="L",
+        nested={0: (1, 2), 1: (2,)}, metric="binary"),
     # PhenoBench (phenobench.org), unzipped as is.
     "phenobench": Spec(
         layout="{train,val}/images/*.png and {train,val}/semantics/*.png "
@@ -293,13 +342,32 @@ def find_pairs(name, spec, root, split):
         if others:
             raise DataError(f"{name}: no folder {base / split} (there are {', '.join(others)}). "
                             f"Expected under {root}: {spec.layout}")
-    image_dir = root / spec.images.format(split=folder_split)
-    mask_dir = root / spec.masks.format(split=folder_split)
-    for d in (image_dir, mask_dir):
-        if not d.is_dir():
-            raise DataError(f"{name}: folder {d} not found. Expected under {root}: {spec.layout}")
+    found = {}
+    for domain in spec.domains or ("",):
+        pairs = _pairs_in(name, spec, root, split, root / spec.images.format(split=folder_split, domain=domain),
+                          root / spec.masks.format(split=folder_split, domain=domain),
+                          root / spec.split_list.format(split=folder_split) if spec.split_list else None)
+        found.update({f"{domain}/{k}" if domain else k: pair for k, pair in pairs.items()})
+    return [found[k] for k in sorted(found)]
+
+
+def _pairs_in(name, spec, root, split, image_dir, mask_dir, split_list):
+    """{key: (image, label map)} of one image folder and its label-map folder; with a split list,
+    only the samples it names (each must have both files)."""
+    for d in (image_dir, mask_dir) + ((split_list,) if split_list else ()):
+        if not d.exists():
+            raise DataError(f"{name}: {'file' if d == split_list else 'folder'} {d} not found. "
+                            f"Expected under {root}: {spec.layout}")
     images = find_files(image_dir, spec.image_suffix)
     masks = find_files(mask_dir, (spec.mask_suffix,))
+    if split_list:
+        names = [ln.strip() for ln in split_list.read_text().splitlines() if ln.strip()]
+        for have, where, ending in ((images, image_dir, spec.image_suffix[0]), (masks, mask_dir, spec.mask_suffix)):
+            missing = [k for k in names if k not in have]
+            if missing:
+                raise DataError(f"{name} {split}: {split_list} names {missing[0]} but {where / (missing[0] + ending)} "
+                                f"is missing" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        images, masks = {k: images[k] for k in names}, {k: masks[k] for k in names}
     if not images:
         raise DataError(f"{name} {split}: no images ({' '.join(spec.image_suffix)}) in {image_dir}. "
                         f"Expected under {root}: {spec.layout}")
@@ -310,7 +378,7 @@ def find_pairs(name, spec, root, split):
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise DataError(f"{name} {split}: {what} {have[missing[0]]} has no partner: expected "
                             f"{where / (missing[0] + ending)}{more}")
-    return [(images[k], masks[k]) for k in sorted(images)]
+    return {k: (images[k], masks[k]) for k in images}
 
 
 def fixed_subset(n, fraction, seed):

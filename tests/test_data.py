@@ -30,7 +30,12 @@ def write_image(path, labels=None, h=H, w=W):
 def write_mask(path, raw, dtype=np.uint8, mode=None):
     path.parent.mkdir(parents=True, exist_ok=True)
     img = Image.fromarray(np.asarray(raw).astype(dtype))
-    (img.convert(mode) if mode else img).save(path)
+    if mode == "P":                      # a palette PNG (VOC): the values are the palette indices
+        img.putpalette(np.random.default_rng(0).integers(0, 256, 768, dtype=np.uint8).tobytes())
+        assert img.mode == "P"
+    elif mode:
+        img = img.convert(mode)
+    img.save(path)
 
 
 # name -> (image path, mask path) in the dataset's own layout, for the "val" split; {s} = sample name
@@ -46,6 +51,10 @@ LAYOUTS = {
     "refuge": ("val/images/{s}.jpg", "val/mask/{s}.bmp"),
     "phenobench": ("val/images/{s}.png", "val/semantics/{s}.png"),
     "folder": ("images/{s}.png", "masks/{s}.png"),
+    "bdd100k": ("images/10k/val/{s}.jpg", "labels/sem_seg/masks/val/{s}.png"),
+    "loveda": ("Val/Rural/images_png/{s}.png", "Val/Rural/masks_png/{s}.png"),
+    "voc": ("JPEGImages/{s}.jpg", "SegmentationClass/{s}.png"),
+    "brats": ("val/images/{s}.png", "val/masks/{s}.png"),
 }
 
 
@@ -55,6 +64,13 @@ def make(root, name, samples, dtype=np.uint8, mode=None, image_size=None):
     for s, raw in samples.items():
         write_image(root / image_pattern.format(s=s), *(image_size or (None,)))
         write_mask(root / mask_pattern.format(s=s), raw, dtype, mode)
+    if name == "loveda":                 # both domains must be there; this one holds an extra scene
+        write_image(root / "Val/Urban/images_png/1.png")
+        write_mask(root / "Val/Urban/masks_png/1.png", stripes([1, 2, 3, 4]))
+    if name == "voc":                    # the split list names the segmentation subset; an image without
+        write_image(root / "JPEGImages/2007_999999.jpg")             # a label map outside it is left out
+        (root / "ImageSets/Segmentation").mkdir(parents=True, exist_ok=True)
+        (root / "ImageSets/Segmentation/val.txt").write_text("".join(f"{s}\n" for s in samples))
     return root
 
 
@@ -84,6 +100,12 @@ CASES = [
      {"V0001": stripes([-1, 0, 1, 0])}, 255, {0: "optic disc", 1: "optic cup"}),
     ("phenobench", {"05-15_00028_P0030852": stripes([0, 1, 2, 3, 4])}, np.uint8, None,
      {"05-15_00028_P0030852": stripes([0, 1, 2, 1, 2])}, 255, {0: "soil", 1: "crop", 2: "weed"}),
+    ("bdd100k", {"7d2f7975-e0c1c5a7": stripes([0, 18, 255, 13])}, np.uint8, None,
+     {"7d2f7975-e0c1c5a7": stripes([0, 18, 255, 13])}, 255, {0: "road", 13: "car"}),
+    ("voc", {"2007_000033": stripes([0, 1, 20, 255])}, np.uint8, "P",
+     {"2007_000033": stripes([-1, 0, 19, 255])}, 255, {0: "aeroplane", 19: "tv monitor"}),
+    ("brats", {"BraTS2021_00000_077": stripes([0, 2, 1, 4])}, np.uint8, "L",
+     {"BraTS2021_00000_077": stripes([-1, 0, 1, 2])}, 255, {0: "whole tumor", 2: "enhancing tumor"}),
 ]
 
 
@@ -352,3 +374,37 @@ def test_errors_name_the_problem(tmp_path):
     (folder / "classes.txt").write_text("a\n")
     with pytest.raises(DataError, match=r"p_absent must be in \[0, 1\]"):
         build("folder", folder, "val", p_absent=2)
+
+
+def test_loveda_reads_both_domains(tmp_path):
+    root = make(tmp_path, "loveda", {"2522": stripes([0, 1, 7, 3])})
+    ev = build("loveda", root, "val", evaluation=True)
+    assert len(ev) == 2 and ev.class_names[0] == "background" and ev.class_names[6] == "agriculture"
+    np.testing.assert_array_equal(ev[0][1].numpy(), stripes([255, 0, 6, 2]))         # Rural/2522
+    np.testing.assert_array_equal(ev[1][1].numpy(), stripes([0, 1, 2, 3]))           # Urban/1
+    assert ev[1][2].endswith("Val/Urban/images_png/1.png")
+    import shutil
+    shutil.rmtree(root / "Val/Urban/masks_png")
+    with pytest.raises(DataError, match=r"masks_png not found. Expected under .*Urban,Rural"):
+        build("loveda", root, "val", evaluation=True)
+
+
+def test_voc_split_list_names_the_samples(tmp_path):
+    root = make(tmp_path, "voc", {"2007_000033": stripes([0, 1, 20, 255]), "2007_000042": stripes([0, 5, 5, 0])})
+    assert len(build("voc", root, "val", evaluation=True)) == 2          # not the JPEG without a label map
+    (root / "ImageSets/Segmentation/val.txt").write_text("2007_000033\n2007_999999\n")
+    with pytest.raises(DataError, match=r"names 2007_999999 but .*SegmentationClass/2007_999999.png is missing"):
+        build("voc", root, "val", evaluation=True)
+    (root / "ImageSets/Segmentation/val.txt").unlink()
+    with pytest.raises(DataError, match=r"file .*val.txt not found. Expected under"):
+        build("voc", root, "val", evaluation=True)
+
+
+def test_brats_regions_nest(tmp_path):
+    root = make(tmp_path, "brats", {"BraTS2021_00000_077": stripes([0, 2, 1, 4])}, mode="L")
+    ev = build("brats", root, "val", evaluation=True)
+    labels = ev[0][1].numpy()
+    np.testing.assert_array_equal(ev.class_mask(labels, 0), stripes([0, 1, 1, 1]).astype(bool))  # whole tumour
+    np.testing.assert_array_equal(ev.class_mask(labels, 1), stripes([0, 0, 1, 1]).astype(bool))  # core
+    np.testing.assert_array_equal(ev.class_mask(labels, 2), stripes([0, 0, 0, 1]).astype(bool))  # enhancing
+    assert ev.spec.metric == "binary" and ev.present_classes(np.array([[2]])) == [0, 1, 2]
