@@ -57,6 +57,7 @@ class DiGSeg(nn.Module):
         self.tokenizer = tokenizer
         self.mlp = mlp              # trainable text projection (B, 77, D) -> (B, 77, 1024), None for text="sd2"
         self.clip = clip            # frozen CLIP with a vision tower, for class proposals (App. A.3); may be None
+        self.proposal_clip = None   # another CLIP for the proposals only (use_proposal_clip), else self.clip
         # SD2's schedule, created on the U-Net's device; a buffer, so .to(device) moves it too
         self.register_buffer("alphas_cumprod", scaled_linear_alphas_cumprod().to(unet.conv_in.weight.device),
                              persistent=False)
@@ -75,9 +76,26 @@ class DiGSeg(nn.Module):
         """Only the trained parts change mode (gradient checkpointing acts in training mode); the
         frozen VAE, text tower and CLIP always stay in eval mode."""
         super().train(mode)
-        for frozen in (self.vae, self.text_encoder, self.clip):
+        for frozen in (self.vae, self.text_encoder, self.clip, self.proposal_clip):
             if frozen is not None:
                 frozen.eval()
+        return self
+
+    @property
+    def proposer(self):
+        """The CLIP that proposes classes: the proposal CLIP if one is set, else the conditioner's."""
+        return self.proposal_clip if self.proposal_clip is not None else self.clip
+
+    def use_proposal_clip(self, path, vocab=None):
+        """Propose classes (App. A.3) with another CLIP than the conditioner's. The paper is of two
+        minds: Table 1 lists DiGSeg with CLIP ViT-B/16, App. A.2 injects ViT-L/14 text embeddings;
+        one reading is B/16 proposals + L/14 text, which this allows (eval.py/sample.py
+        --proposal_clip). Frozen, not part of the checkpoint."""
+        clip = load_clip(path, dtype=next(self.vae.parameters()).dtype, device=self.device, vocab=vocab)
+        if not hasattr(clip, "image"):
+            raise WeightsError(f"{path}: a proposal CLIP needs a vision tower")
+        self.proposal_clip = clip.requires_grad_(False).eval()
+        self._vocab_cache.clear()
         return self
 
     def tune_for_cuda(self, frozen_dtype=None, compile=False):
@@ -98,8 +116,9 @@ class DiGSeg(nn.Module):
         if frozen_dtype is not None:
             self.vae.to(frozen_dtype)
             self.text_encoder.to(frozen_dtype)
-            if self.clip is not None:
-                self.clip.to(frozen_dtype)
+            for clip in (self.clip, self.proposal_clip):
+                if clip is not None:
+                    clip.to(frozen_dtype)
             self._prompt_cache.clear()
             self._vocab_cache.clear()
         if compile:
@@ -309,12 +328,13 @@ class DiGSeg(nn.Module):
     # ---- Sec. 3.7 and App. A.3 "Mask generation": inference --------------------------------
 
     @torch.no_grad()
-    def segment(self, image, class_names, ensemble=8, steps=1, spacing="trailing", seed=0, batch_size=8):
+    def segment(self, image, class_names, ensemble=8, steps=1, spacing="trailing", seed=0, batch_size=8, eta=0.0):
         """image: PIL image or (3, H, W) tensor in [-1, 1]; K class names -> probs (K, H, W) in [0, 1].
 
         For each class c, the E members start from z_T ~ N(0, I) (member e always uses the noise of
         seed + e, whatever the batching), run S DDIM steps (Eq. 7) conditioned on the prompt of c,
         and are averaged in latent space before decoding (Eq. 8): M_c = (mean_RGB D(z_0) + 1) / 2.
+        eta > 0: Eq. 7's sigma_t term; member e's step noises come from the same seed + e stream.
         """
         if len(class_names) == 0:
             raise ValueError("segment() needs at least one class name")
@@ -324,13 +344,16 @@ class DiGSeg(nn.Module):
         z_x = self.encode_image(x)                                    # (1, 4, h, w)
         ctx = self.context([self.cfg.prompt_template.format(c) for c in class_names])   # (K, 77, C)
         K, E = len(class_names), ensemble
-        noise = torch.stack([torch.randn(z_x.shape[1:], generator=torch.Generator().manual_seed(seed + e))
-                             for e in range(E)]).to(self.device)     # (E, 4, h, w)
+        gens = [torch.Generator().manual_seed(seed + e) for e in range(E)]
+        noise = torch.stack([torch.randn(z_x.shape[1:], generator=g) for g in gens]).to(self.device)  # (E, 4, h, w)
+        step_noise = torch.stack([torch.stack([torch.randn(z_x.shape[1:], generator=g) for g in gens])
+                                  for _ in range(steps)]).to(self.device) if eta > 0 else None   # (S, E, 4, h, w)
         jobs = [(k, e) for k in range(K) for e in range(E)]          # the K*E runs, denoised in chunks
         z0 = torch.empty(K, E, *z_x.shape[1:], device=self.device, dtype=torch.float32)
         for i in range(0, len(jobs), batch_size):
             ks, es = zip(*jobs[i:i + batch_size])
-            z = self.denoise(z_x, noise[list(es)], ctx[list(ks)], steps, spacing)
+            z = self.denoise(z_x, noise[list(es)], ctx[list(ks)], steps, spacing, eta,
+                             step_noise[:, list(es)] if eta > 0 else None)
             z0[list(ks), list(es)] = z.float()
         z0 = z0.mean(dim=1)                                          # (K, 4, h, w) Eq. 8: ensemble in latent space
         probs = torch.cat([self.decode_mask(z0[i:i + batch_size].to(self.vae_dtype))
@@ -339,15 +362,16 @@ class DiGSeg(nn.Module):
         probs = probs[:, top:top + h, left:left + w]
         return F.interpolate(probs[None], size=(H, W), mode="bilinear", align_corners=False)[0].clamp(0, 1)
 
-    def denoise(self, z_x, z_T, ctx, steps, spacing):
-        """S steps of deterministic DDIM (Eq. 7) from z_T (N, 4, h, w) for N (prompt, noise) pairs
-        -> z_0 (N, 4, h, w). t_prev = t - T//S as in diffusers' DDIMScheduler; the last step goes
-        to alpha_bar = 1."""
-        for step in self.denoise_steps(z_x, z_T, ctx, steps, spacing):
+    def denoise(self, z_x, z_T, ctx, steps, spacing, eta=0.0, noises=None):
+        """S steps of DDIM (Eq. 7; deterministic with eta = 0, the paper's Sec. 4.1) from z_T
+        (N, 4, h, w) for N (prompt, noise) pairs -> z_0 (N, 4, h, w). t_prev = t - T//S as in
+        diffusers' DDIMScheduler; the last step goes to alpha_bar = 1. eta > 0 needs `noises`
+        (S, N, 4, h, w)."""
+        for step in self.denoise_steps(z_x, z_T, ctx, steps, spacing, eta, noises):
             pass
         return step["z_prev"]
 
-    def denoise_steps(self, z_x, z_T, ctx, steps, spacing):
+    def denoise_steps(self, z_x, z_T, ctx, steps, spacing, eta=0.0, noises=None):
         """The same as an iterator over the steps (model.diffusion.ddim_sample): for each, a dict of
         t, z_t, pred (the U-Net's output), x0 (x0_hat) and z_prev, all (N, 4, h, w) in float32."""
         cond = z_x.expand(len(z_T), -1, -1, -1)
@@ -358,7 +382,7 @@ class DiGSeg(nn.Module):
 
         T = len(self.alphas_cumprod)
         yield from ddim_sample(predict, z_T.float(), ddim_timesteps(steps, T, spacing), self.alphas_cumprod,
-                               self.cfg.target, T)
+                               self.cfg.target, T, eta, noises)
 
     def prepare_image(self, image):
         """Any image -> (1, 3, H', W') in [-1, 1]: long side resized to cfg.resolution, then padded
@@ -406,22 +430,22 @@ class DiGSeg(nn.Module):
 
     @torch.no_grad()
     def propose_classes(self, image, vocabulary, tau_global=0.25, tau_patch=0.3, template="A photo of a {}."):
-        """CLIP image-text similarity picks the candidate classes K of an image (App. A.3)."""
-        if self.clip is None or not hasattr(self.clip, "image"):
+        """CLIP image-text similarity picks the candidate classes K of an image (App. A.3), with
+        the proposal CLIP if one is set (use_proposal_clip), else the conditioner's."""
+        clip = self.proposer
+        if clip is None or not hasattr(clip, "image"):
             raise ValueError("propose_classes needs a CLIP model with a vision tower (clip_path)")
-        if isinstance(image, Image.Image):
-            pixels = self.clip.preprocess(image)[None]
-        else:
-            pixels = self.clip.preprocess(tensor_to_pil(image))[None]
-        img, patches = self.clip.image(pixels.to(self.device, next(self.clip.parameters()).dtype))
+        pixels = clip.preprocess(image if isinstance(image, Image.Image) else tensor_to_pil(image))[None]
+        img, patches = clip.image(pixels.to(self.device, next(clip.parameters()).dtype))
         text = self.vocabulary_embeddings(tuple(vocabulary), template)
         return select_candidates(img[0], patches[0], text, vocabulary, tau_global, tau_patch)
 
     def vocabulary_embeddings(self, vocabulary, template):
         key = (template, vocabulary)
         if key not in self._vocab_cache:
-            ids = self.clip.tokenizer([template.format(c) for c in vocabulary]).to(self.device)
-            self._vocab_cache[key] = self.clip.text(ids)[1]                 # (V, E) pooled + projected
+            clip = self.proposer
+            ids = clip.tokenizer([template.format(c) for c in vocabulary]).to(self.device)
+            self._vocab_cache[key] = clip.text(ids)[1]                      # (V, E) pooled + projected
         return self._vocab_cache[key]
 
 

@@ -2,7 +2,7 @@
 
     python eval.py --checkpoint=out/ade20k/checkpoint --dataset=ade150 --data_root=data/ADEChallengeData2016
     torchrun --nproc_per_node=8 eval.py ...                  # confusion matrices summed over ranks
-    python eval.py ... --open_vocab=1                        # classes proposed by CLIP (App. A.3)
+    python eval.py ... --proposals=0                         # every class of the dataset, no CLIP proposals
     python eval.py ... --study=sweep                         # Table 6: E x S rows, mIoU and images/s
     python eval.py ... --study=steps                         # Fig. 8: steps 1..50, trailing vs leading (PNG)
     python eval.py --sd2=PATH --dataset=... --study=vae      # Table 7: the SD VAE on ground-truth masks
@@ -35,22 +35,24 @@ from model.weights import load_sd2, torch_save_atomic, write_text_atomic
 from plot import line_plot, overlay, side_by_side
 
 SWEEP = [(1, 1, "trailing"), (1, 2, "trailing"), (4, 2, "trailing"), (8, 2, "trailing"), (20, 50, "leading")]
-KEYED = ("ensemble", "steps", "spacing", "seed", "tau", "tau_bg", "open_vocab", "tau_global", "tau_patch", "dtype")
+KEYED = ("ensemble", "steps", "spacing", "eta", "seed", "tau", "tau_bg", "proposals", "proposal_clip", "tau_global",
+         "tau_patch", "dtype")
 
 
 # ---- one image -----------------------------------------------------------------------------------
 
 def predict(model, image, names, args):
     """One image -> (labels (H, W) int64 with -1 = background, probs (K, H, W), class indices).
-    Closed vocabulary: every class is run; --open_vocab: only those CLIP proposes (App. A.3)."""
+    --proposals=1 (the paper, App. A.3): only the classes CLIP proposes for this image are run;
+    --proposals=0: every class of the dataset (closed vocabulary)."""
     classes = list(range(len(names)))
-    if args.open_vocab:
+    if args.proposals:
         picked, _ = model.propose_classes(tensor_to_pil(image), names, args.tau_global, args.tau_patch)
         classes = [names.index(c) for c in picked]
     if not classes:
         return torch.full(image.shape[1:], -1, dtype=torch.long), None, classes
     probs = model.segment(image, [names[k] for k in classes], ensemble=args.ensemble, steps=args.steps,
-                          spacing=args.spacing, seed=args.seed, batch_size=args.batch_size).cpu()
+                          spacing=args.spacing, seed=args.seed, batch_size=args.batch_size, eta=args.eta).cpu()
     lut = torch.tensor(classes + [-1])
     return lut[aggregate(probs, args.tau_bg)], probs, classes   # local index -> dataset class, -1 stays
 
@@ -163,6 +165,10 @@ def parse(argv):
     p.add_argument("--checkpoint", default="", help="a DiGSeg checkpoint folder")
     p.add_argument("--sd2", default="", help="SD2 weights: for --study=vae, or where they moved since training")
     p.add_argument("--clip", default="", help="CLIP weights, where they moved since training")
+    p.add_argument("--proposal_clip", default="",
+                   help="another CLIP (with a vision tower) for the class proposals only, e.g. ViT-B/16 as Table 1 "
+                        "lists; default: the conditioner's CLIP")
+    p.add_argument("--clip_vocab", default="", help="bpe_simple_vocab_16e6.txt.gz for an OpenAI .pt --proposal_clip")
     p.add_argument("--dataset", default="toy")
     p.add_argument("--data_root", default="data")
     p.add_argument("--split", default="val")
@@ -174,8 +180,12 @@ def parse(argv):
     p.add_argument("--spacing", default="trailing", choices=["trailing", "leading", "linspace"])
     p.add_argument("--max_steps", type=positive_int, default=50, help="--study=steps: 1..max_steps")
     p.add_argument("--tau", type=float, default=0.7, help="threshold of one class's binary mask")
-    p.add_argument("--tau_bg", type=float, default=0.5, help="background where the best class is below this")
-    p.add_argument("--open_vocab", type=int, default=0, choices=[0, 1])
+    p.add_argument("--eta", type=float, default=0.0, help="Eq. 7's sigma_t: 0 = deterministic DDIM (the paper, Sec. 4.1)")
+    p.add_argument("--tau_bg", type=float, default=0.5,
+                   help="background where the best class is below this (ours: the paper gives no value)")
+    p.add_argument("--proposals", type=int, default=1, choices=[0, 1],
+                   help="1: CLIP proposes each image's candidate classes (App. A.3, as the paper runs every benchmark); "
+                        "0: every class of the dataset")
     p.add_argument("--tau_global", type=float, default=0.25)
     p.add_argument("--tau_patch", type=float, default=0.3)
     p.add_argument("--seed", type=int, default=0)
@@ -221,6 +231,8 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     model = DiGSeg.from_checkpoint(args.checkpoint, dtype=DTYPES[args.dtype], device=procs.device,
                                    sd2=args.sd2 or None, clip=args.clip or None).eval()
+    if args.proposal_clip:
+        model.use_proposal_clip(args.proposal_clip, vocab=args.clip_vocab or None)
     n = min(len(ds), args.limit or len(ds))
     results, rows = {}, study_rows(args)
     for tag, E, S, spacing in rows:

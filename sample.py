@@ -75,6 +75,10 @@ def main(argv=None):
     p.add_argument("--checkpoint", required=True, help="a DiGSeg checkpoint folder (digseg.json + digseg.safetensors)")
     p.add_argument("--sd2", default="", help="the SD2 base weights, where they moved since training")
     p.add_argument("--clip", default="", help="the CLIP base weights, where they moved since training")
+    p.add_argument("--proposal_clip", default="",
+                   help="another CLIP (with a vision tower) for the class proposals only, e.g. ViT-B/16 as Table 1 "
+                        "lists; default: the conditioner's CLIP")
+    p.add_argument("--clip_vocab", default="", help="bpe_simple_vocab_16e6.txt.gz for an OpenAI .pt --proposal_clip")
     p.add_argument("--classes", default="", help="comma-separated class names")
     p.add_argument("--classes_file", default="", help="a file with one class name per line")
     p.add_argument("--vocab", default="", help="a vocabulary (classes/NAME.txt or a file); CLIP proposes candidates (App. A.3)")
@@ -83,7 +87,9 @@ def main(argv=None):
     p.add_argument("--steps", type=positive_int, default=1, help="S, DDIM steps")
     p.add_argument("--spacing", default="trailing", choices=["trailing", "leading", "linspace"])
     p.add_argument("--tau", type=float, default=0.7, help="threshold of one class's binary mask")
-    p.add_argument("--tau_bg", type=float, default=0.5, help="background where the best class is below this")
+    p.add_argument("--eta", type=float, default=0.0, help="Eq. 7's sigma_t: 0 = deterministic DDIM (the paper, Sec. 4.1)")
+    p.add_argument("--tau_bg", type=float, default=0.5,
+                   help="background where the best class is below this (ours: the paper gives no value)")
     p.add_argument("--tau_global", type=float, default=0.25, help="CLIP image-text cosine to propose a class")
     p.add_argument("--tau_patch", type=float, default=0.3, help="CLIP best-patch cosine to propose a class")
     p.add_argument("--seed", type=int, default=0)
@@ -99,6 +105,8 @@ def main(argv=None):
     device = pick_device(args.device)
     model = DiGSeg.from_checkpoint(args.checkpoint, dtype=DTYPES[args.dtype], device=device, sd2=args.sd2 or None,
                                    clip=args.clip or None).eval()
+    if args.proposal_clip:
+        model.use_proposal_clip(args.proposal_clip, vocab=args.clip_vocab or None)
     failed = []
     for i, (path, name) in enumerate(zip(paths, output_names(paths))):
         t0 = time.time()
@@ -117,7 +125,7 @@ def main(argv=None):
         found = []
         if classes:
             probs = model.segment(image, classes, ensemble=args.ensemble, steps=args.steps,
-                                  spacing=args.spacing, seed=args.seed).cpu()
+                                  spacing=args.spacing, seed=args.seed, eta=args.eta).cpu()
             labels = aggregate(probs, args.tau_bg)
             for k, c in enumerate(classes):
                 Image.fromarray((probs[k].numpy() * 255).round().astype(np.uint8)).save(

@@ -366,7 +366,7 @@ def study_prior(out, args):
             run_script("train.py", "--preset=toy", f"--sd2={bases[init]}", f"--clip={os.path.join(out, 'clip')}",
                        f"--max_steps={args.study_steps}", f"--fraction={scenes_ / 20000}", f"--seed={seed}",
                        f"--trainable={trainable}", f"--out_dir={run}", "--overwrite=1", "--log_every=1000")
-            run_script("eval.py", f"--checkpoint={run}/checkpoint", "--dataset=toy", f"--limit={args.val_images}",
+            run_script("eval.py", f"--checkpoint={run}/checkpoint", "--dataset=toy", f"--limit={args.val_images}", "--proposals=0",
                        f"--out={run}/eval")
         with open(os.path.join(run, "eval", "metrics_main.json")) as f:
             return json.load(f)["miou_gt"]
@@ -416,7 +416,7 @@ def main(argv=None):
     ckpt = build_world(args.out, args.vae_steps, args.clip_steps, args.train_steps, args.prior_steps * args.prior,
                        args.seed)
     log("stage 4/4: segmenting and evaluating the validation split (E = 1, S = 1, trailing): python eval.py")
-    run_script("eval.py", f"--checkpoint={ckpt}", "--dataset=toy", f"--limit={args.val_images}", "--ensemble=1",
+    run_script("eval.py", f"--checkpoint={ckpt}", "--dataset=toy", f"--limit={args.val_images}", "--proposals=0", "--ensemble=1",
                "--steps=1", "--spacing=trailing", f"--out={args.out}/eval", "--overlays=8")
     with open(os.path.join(args.out, "eval", "metrics_main.json")) as f:
         scores = json.load(f)

@@ -107,37 +107,56 @@ def previous_timestep(t, num_steps, T=1000):
     return t - T // num_steps
 
 
-def ddim_step(pred, z_t, t, t_prev, alphas_cumprod, prediction="epsilon"):
-    """One deterministic DDIM step (eta = 0), Eq. 7:
+def ddim_step(pred, z_t, t, t_prev, alphas_cumprod, prediction="epsilon", eta=0.0, noise=None):
+    """One DDIM step, Eq. 7:
 
-        z_{t_prev} = sqrt(alpha_bar_prev) x0_hat + sqrt(1 - alpha_bar_prev) eps_hat
+        z_{t_prev} = sqrt(alpha_bar_prev) x0_hat + sqrt(1 - alpha_bar_prev - sigma_t^2) eps_hat + sigma_t z
+        sigma_t = eta sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t)) sqrt(1 - alpha_bar_t / alpha_bar_prev)
+
+    Eq. 7 is printed with sigma_t; Sec. 4.1 samples deterministically, so eta = 0 (sigma_t = 0, no
+    noise) is the default and the paper's setting; eta = 1 is the ancestral (DDPM-like) step, and
+    then `noise` (z ~ N(0, I), shaped like z_t) must be given. Same formula as diffusers'
+    DDIMScheduler.step(eta, variance_noise).
 
     t_prev < 0 is the final step: alpha_bar_prev = 1, so the step returns x0_hat itself (the clean
-    limit; diffusers' set_alpha_to_one=True. SD2's scheduler config would use alpha_bar_0 instead).
+    limit; diffusers' set_alpha_to_one=True. SD2's scheduler config would use alpha_bar_0 instead),
+    and sigma_t = 0 there whatever eta is.
     """
     x0, eps = predicted_x0_and_eps(pred, z_t, t, alphas_cumprod, prediction)
     t_prev = torch.as_tensor(t_prev)
     one = torch.ones((), dtype=alphas_cumprod.dtype, device=alphas_cumprod.device)
     a_prev = torch.where(t_prev.to(alphas_cumprod.device) >= 0, alphas_cumprod[t_prev.clamp(min=0).long()], one)
     a_prev = a_prev.to(z_t.dtype).reshape(-1, *([1] * (z_t.dim() - 1))) if a_prev.dim() else a_prev.to(z_t.dtype)
-    return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps  # Eq. 7
+    if eta == 0:
+        return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps  # Eq. 7, sigma_t = 0
+    if noise is None:
+        raise ValueError("ddim_step with eta > 0 needs noise (z ~ N(0, I), shaped like z_t)")
+    a_t = alphas_cumprod[torch.as_tensor(t, device=alphas_cumprod.device).long()].to(z_t.dtype)
+    a_t = a_t.reshape(-1, *([1] * (z_t.dim() - 1))) if a_t.dim() else a_t
+    sigma = eta * ((1 - a_prev) / (1 - a_t)).sqrt() * (1 - a_t / a_prev).sqrt()
+    return a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).sqrt() * eps + sigma * noise.to(z_t)   # Eq. 7
 
 
-def ddim_sample(predict, z_T, timesteps, alphas_cumprod, prediction="epsilon", T=1000):
-    """The DDIM sampler (Eq. 7, eta = 0) as an iterator: from z_T, one step per listed timestep
-    (ddim_timesteps), each yielded as a dict so that a reader can look at every step:
+def ddim_sample(predict, z_T, timesteps, alphas_cumprod, prediction="epsilon", T=1000, eta=0.0, noises=None):
+    """The DDIM sampler (Eq. 7; eta = 0 by default, see ddim_step) as an iterator: from z_T, one
+    step per listed timestep (ddim_timesteps), each yielded as a dict so that a reader can look at
+    every step:
 
         t       the timestep of this step          z_t     the latent it starts from
         pred    predict(z_t, t), the network output in its own parameterisation
         x0      the clean latent that output implies (x0_hat)
         z_prev  the latent after the step; the last step's z_prev is the sample
 
+    eta > 0 needs `noises`: one N(0, I) tensor shaped like z_T per step.
     The sampler knows nothing of the model: `predict` closes over it (and over any conditioning)."""
     S, z = len(timesteps), z_T
-    for t in timesteps:
+    if eta > 0 and (noises is None or len(noises) < S):
+        raise ValueError(f"ddim_sample with eta = {eta} needs one noise tensor per step ({S})")
+    for i, t in enumerate(timesteps):
         pred = predict(z, t)
         x0, _ = predicted_x0_and_eps(pred, z, t, alphas_cumprod, prediction)
-        z_prev = ddim_step(pred, z, t, previous_timestep(t, S, T), alphas_cumprod, prediction)
+        z_prev = ddim_step(pred, z, t, previous_timestep(t, S, T), alphas_cumprod, prediction, eta,
+                           noises[i] if eta > 0 else None)
         yield {"t": t, "z_t": z, "pred": pred, "x0": x0, "z_prev": z_prev}
         z = z_prev
 

@@ -72,6 +72,24 @@ def test_single_steps_match_diffusers(prediction, spacing):
         assert (ours - ref).abs().max() <= 1e-6
 
 
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("eta", [0.3, 1.0])
+def test_stochastic_steps_match_diffusers(prediction, eta):
+    """Eq. 7 with sigma_t (eta > 0): diffusers' step(eta, variance_noise) is the oracle."""
+    g = torch.Generator().manual_seed(2)
+    s = oracle("trailing", prediction)
+    s.set_timesteps(4)
+    for t in s.timesteps:
+        z, pred, noise = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(3))
+        ref = s.step(pred, t, z, eta=eta, variance_noise=noise).prev_sample
+        ours = ddim_step(pred, z, t, previous_timestep(t, 4), AB, prediction, eta=eta, noise=noise)
+        assert (ours - ref).abs().max() <= 1e-5
+        change = (ours - ddim_step(pred, z, t, previous_timestep(t, 4), AB, prediction)).abs().max()
+        assert change > 1e-3 if previous_timestep(t, 4) >= 0 else change == 0    # sigma = 0 at the last step
+    with pytest.raises(ValueError, match="needs noise"):
+        ddim_step(pred, z, 999, 749, AB, prediction, eta=eta)
+
+
 def fake_model(z, t):
     """A deterministic stand-in for the U-Net: any smooth function of (z, t) will do."""
     return torch.tanh(z * 0.7 + t / 1000.0) - 0.1 * z

@@ -98,6 +98,17 @@ def test_batched_segmentation_equals_one_at_a_time(tiny_model):
     assert (batched - other_seed).abs().max() > 1e-4
 
 
+def test_stochastic_ddim_keeps_each_members_noise_whatever_the_batching(tiny_model):
+    """eta > 0 (Eq. 7's sigma_t): member e's step noises come from its own seed + e stream."""
+    img = torch.rand(3, 40, 56, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    names = ["circle", "square"]
+    batched = tiny_model.segment(img, names, ensemble=2, steps=3, seed=5, batch_size=4, eta=1.0)
+    alone = torch.stack([tiny_model.segment(img, [c], ensemble=2, steps=3, seed=5, batch_size=1, eta=1.0)[0]
+                         for c in names])
+    assert (batched - alone).abs().max() <= 1e-5
+    assert (batched - tiny_model.segment(img, names, ensemble=2, steps=3, seed=5)).abs().max() > 1e-4
+
+
 def test_ensemble_averages_latents_not_pixels(tiny_model):
     img = torch.rand(3, 32, 32) * 2 - 1
     z_x = tiny_model.encode_image(tiny_model.prepare_image(img)[0])
@@ -226,3 +237,26 @@ def test_t_max_share_draws_from_the_samples_generator(tiny_model):
     assert {tiny_model.sample_timestep(torch.Generator().manual_seed(i), 1.0).item() for i in range(20)} == {999}
     share = sum(tiny_model.sample_timestep(torch.Generator().manual_seed(i), 0.5).item() == 999 for i in range(400)) / 400
     assert 0.4 < share < 0.6
+
+
+def test_a_separate_proposal_clip_proposes_and_the_conditioner_stays(tiny_paths, tmp_path):
+    """--proposal_clip: proposals from another CLIP (Table 1's B/16 reading), text from the first."""
+    from conftest import make_tiny_world
+    from digseg import select_candidates
+    from model.weights import load_clip
+    other = make_tiny_world(str(tmp_path), seed=1)[1]                # same shapes, other weights
+    model = DiGSeg.from_weights(*tiny_paths, resolution=32).eval()
+    image = Image.fromarray((np.random.default_rng(0).random((40, 40, 3)) * 255).astype(np.uint8))
+    vocab = ["circle", "square", "star"]
+    ctx = model.context(["a photo of a circle."])
+    own = model.propose_classes(image, vocab, tau_global=-1, tau_patch=2)[1]
+    model.use_proposal_clip(other)
+    theirs = model.propose_classes(image, vocab, tau_global=-1, tau_patch=2)[1]
+    clip = load_clip(other)
+    img, patches = clip.image(clip.preprocess(image)[None])
+    text = clip.text(clip.tokenizer([f"A photo of a {c}." for c in vocab]))[1]
+    expected = select_candidates(img[0], patches[0], text, vocab, -1, 2)[1]
+    assert all(abs(theirs[c]["global"] - expected[c]["global"]) < 1e-5 for c in vocab)
+    assert any(abs(theirs[c]["global"] - own[c]["global"]) > 1e-3 for c in vocab)
+    assert torch.equal(model.context(["a photo of a circle."]), ctx)  # the conditioner is unchanged
+    assert not any(n.startswith("proposal_clip") for n, p in model.named_parameters() if p.requires_grad)

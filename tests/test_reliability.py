@@ -44,7 +44,7 @@ def ckpt(tiny_model, tmp_path):
 
 
 def toy_eval(ckpt, out, *extra):
-    return evaluation.main([f"--checkpoint={ckpt}", "--dataset=toy", "--limit=4", "--save_every=1",
+    return evaluation.main([f"--checkpoint={ckpt}", "--dataset=toy", "--limit=4", "--save_every=1", "--proposals=0",
                             f"--out={out}", *extra])["main"]
 
 
@@ -62,11 +62,11 @@ def test_eval_after_more_training_is_not_the_old_result(ckpt, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("change", [["--split=train"], ["--limit=2"], ["--tau_bg=0.9"],
-                                    ["--open_vocab=1", "--tau_global=-1"]])
+                                    ["--proposals=1", "--tau_global=-1"], ["--eta=0.5"]])
 def test_eval_with_other_settings_starts_fresh(ckpt, tmp_path, capsys, change):
-    toy_eval(ckpt, tmp_path / "shared", "--open_vocab=1", "--tau_global=0.99", "--tau_patch=0.99")
+    toy_eval(ckpt, tmp_path / "shared", "--proposals=1", "--tau_global=0.99", "--tau_patch=0.99")
     capsys.readouterr()
-    base = ["--open_vocab=1", "--tau_global=0.99", "--tau_patch=0.99"]
+    base = ["--proposals=1", "--tau_global=0.99", "--tau_patch=0.99"]
     changed = [a for a in base if a.split("=")[0] not in {c.split("=")[0] for c in change}] + change
     again = toy_eval(ckpt, tmp_path / "shared", *changed)
     assert "resuming" not in capsys.readouterr().out
@@ -77,7 +77,7 @@ def test_eval_with_other_settings_starts_fresh(ckpt, tmp_path, capsys, change):
 
 def test_eval_default_output_folder_is_per_checkpoint_and_dataset(ckpt, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    evaluation.main([f"--checkpoint={ckpt}", "--dataset=toy", "--limit=1"])
+    evaluation.main([f"--checkpoint={ckpt}", "--dataset=toy", "--limit=1", "--proposals=0"])
     digest = DiGSeg.checkpoint_digest(ckpt)
     written = tmp_path / "out" / "eval" / f"run-{digest[:8]}" / "toy-val" / "metrics_main.json"
     assert json.load(open(written))["key"]["checkpoint"] == digest

@@ -75,7 +75,7 @@ def test_eval_single_process_equals_torchrun_two(checkpoint, tmp_path):
     root = tmp_path / "cityscapes"
     make_cityscapes(str(root))
     common = [f"--checkpoint={checkpoint}", "--dataset=cityscapes19", f"--data_root={root}", "--ensemble=1",
-              "--steps=1", "--tau_bg=0.3", "--batch_size=19"]
+              "--steps=1", "--tau_bg=0.3", "--batch_size=19", "--proposals=0"]
     one = evaluation.main(common + [f"--out={tmp_path / 'one'}"])["main"]
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29544",
@@ -92,7 +92,7 @@ def test_eval_resumes_from_partial_results(checkpoint, tmp_path, capsys):
     root = tmp_path / "cityscapes"
     make_cityscapes(str(root))
     common = [f"--checkpoint={checkpoint}", "--dataset=cityscapes19", f"--data_root={root}", "--batch_size=19",
-              f"--out={tmp_path / 'out'}", "--save_every=1"]
+              f"--out={tmp_path / 'out'}", "--save_every=1", "--proposals=0"]
     full = evaluation.main(common)["main"]
     first = evaluation.main(common + ["--limit=3"])["main"]  # same settings and images: everything is already done
     assert "resuming after 3 images" in capsys.readouterr().out

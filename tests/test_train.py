@@ -108,6 +108,10 @@ def test_settings_flags():
         train.parse_args(["--bogus=1"])
     with pytest.raises(UsageError, match="unknown preset"):
         train.parse_args(["--preset=imagenet"])
+    for name in ("ade20k", "coco-stuff"):       # the App. A.2 presets differ only in what trains
+        a, b = vars(train.parse_args([f"--preset={name}"])), vars(train.parse_args([f"--preset={name}-paper"]))
+        assert {k for k in a if a[k] != b[k]} == {"trainable", "out_dir"} and b["trainable"] == "paper"
+    assert train.parse_args(["--tau_bg=0.3"]).tau_bg == 0.3
 
 
 def test_dry_run_reports_counts_and_memory(tiny_paths, tmp_path, capsys):
