@@ -44,6 +44,7 @@ class DiGSegConfig:
     resolution: int = 512           # inference: the long side is resized to this (paper: 512)
     prompt_template: str = "a photo of a {}."
     clip_vocab: str = ""            # bpe_simple_vocab_16e6.txt.gz, for OpenAI CLIP files without a vocab
+    text_scales: str = "all"        # where the text enters the U-Net: "all" cross-attention, or "paper" (text_levels)
 
 
 class DiGSeg(nn.Module):
@@ -67,6 +68,8 @@ class DiGSeg(nn.Module):
             p.requires_grad_(False)
         if clip is not None:
             clip.requires_grad_(False)
+        for name, block in text_blocks(unet):
+            block.use_text = name not in text_skipped(unet, cfg.text_scales)
         names = set(trainable_parameter_names(self, cfg.trainable))
         for n, p in self.named_parameters():
             if n.startswith("unet.") or n.startswith("mlp."):
@@ -141,6 +144,8 @@ class DiGSeg(nn.Module):
     def _build(cls, cfg, dtype, device):
         if cfg.trainable not in TRAINABLE_SETS:
             raise ValueError(f"unknown trainable set {cfg.trainable!r}; valid: {', '.join(TRAINABLE_SETS)}")
+        if cfg.text_scales not in TEXT_SCALES:
+            raise ValueError(f"unknown text_scales {cfg.text_scales!r}; valid: {', '.join(TEXT_SCALES)}")
         if cfg.noise not in NOISE_TYPES:
             raise ValueError(f"unknown noise type {cfg.noise!r}; valid: {', '.join(NOISE_TYPES)}")
         if cfg.text not in ("clip", "sd2"):
@@ -511,6 +516,32 @@ def trainable_parameter_names(model, trainable):
         return n.startswith((quarter_down, quarter_up)) and ".attentions." in n and (".attn2." in n or ".norm2." in n)
 
     return [n for n in names if chosen(n)]
+
+
+TEXT_SCALES = ("all", "paper")
+
+
+def text_blocks(unet):
+    """[(name, BasicTransformerBlock)] of every transformer block of the U-Net (each has one
+    cross-attention to the text, attn2)."""
+    return [(n, m) for n, m in unet.named_modules() if n.endswith(".transformer_blocks.0")]
+
+
+def text_skipped(unet, text_scales):
+    """Names of the transformer blocks whose cross-attention is skipped.
+
+    "all" (ours, the default): the MLP's context goes into every cross-attention layer, the frozen
+    ones at 1/1 and 1/2 of the latent included. "paper": App. A.2 injects the text "at two scales",
+    1/4 and 1/8 (read as in trainable_parameter_names: the transformers at 1/4 and the mid-block at
+    1/8). Our reading of where the text then does not go: the cross-attention of the 1/1 and 1/2
+    levels is skipped (its residual adds nothing), rather than fed something else (e.g. SD2's own
+    empty-prompt embedding), which the paper does not mention."""
+    if text_scales == "all":
+        return set()
+    levels = len(unet.config.block_out_channels)
+    fine = tuple(f"down_blocks.{i}." for i in range(levels - 2)) + tuple(
+        f"up_blocks.{j}." for j in range(2, levels))       # down i / up j at 1/2^i / 1/2^(levels-1-j)
+    return {n for n, _ in text_blocks(unet) if n.startswith(fine)}
 
 
 def widen_conv_in(unet, in_channels=8):

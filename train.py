@@ -37,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
 import data
-from digseg import NOISE_TYPES, TRAINABLE_SETS, DiGSeg, aggregate
+from digseg import NOISE_TYPES, TEXT_SCALES, TRAINABLE_SETS, DiGSeg, aggregate
 from launch import (DTYPES, UsageError, apply_flags, run, settings_help, split_flags, start_processes, stop_processes,
                     wants_help)
 from metrics import confusion_matrix, miou
@@ -54,6 +54,7 @@ class Settings:
     clip_vocab: str = ""             # bpe_simple_vocab_16e6.txt.gz for OpenAI .pt files
     text: str = "clip"               # CLIP text tower + MLP (Sec. 3.5), or SD2's own text encoder
     trainable: str = "all"           # the whole U-Net + MLP, or the App. A.2 set
+    text_scales: str = "all"         # text into every cross-attention (ours), or at 1/4 and 1/8 only (App. A.2)
     noise: str = "multires_annealed"  # Table 4's noise types
     target: str = "epsilon"          # what the U-Net predicts (the paper: epsilon)
     resolution: int = 512            # inference resolution (validation)
@@ -99,9 +100,9 @@ class Settings:
     debug: bool = False              # show tracebacks of errors
 
 
-CHOICES = {"text": ("clip", "sd2"), "trainable": TRAINABLE_SETS, "noise": NOISE_TYPES, "target": PREDICTIONS,
-           "dataset": ("toy", *data.DATASETS), "decay": ("constant", "cosine", "linear"), "dtype": tuple(DTYPES),
-           "device": ("auto", "cpu", "cuda")}
+CHOICES = {"text": ("clip", "sd2"), "text_scales": TEXT_SCALES, "trainable": TRAINABLE_SETS, "noise": NOISE_TYPES,
+           "target": PREDICTIONS, "dataset": ("toy", *data.DATASETS), "decay": ("constant", "cosine", "linear"),
+           "dtype": tuple(DTYPES), "device": ("auto", "cpu", "cuda")}
 
 PRESETS = {
     # The toy world: tiny models pretrained on procedural shapes; trains on a CPU in minutes.
@@ -365,6 +366,7 @@ def train(s):
     else:
         model = DiGSeg.from_weights(s.sd2, s.clip, text=s.text, trainable=s.trainable, device=device, noise=s.noise,
                                     target=s.target, resolution=s.resolution, prompt_template=s.prompt_template,
+                                    text_scales=s.text_scales,
                                     clip_vocab=s.clip_vocab)
     model.train()                                 # the U-Net and MLP; the frozen parts stay in eval mode
     model.unet.gradient_checkpointing = s.grad_checkpointing

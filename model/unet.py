@@ -164,6 +164,7 @@ class BasicTransformerBlock(nn.Module):
 
     def __init__(self, dim, heads, context_dim, upcast):
         super().__init__()
+        self.use_text = True        # False: skip the cross-attention (DiGSeg's text_scales="paper")
         self.norm1 = nn.LayerNorm(dim)
         self.attn1 = Attention(dim, heads, upcast=upcast)
         self.norm2 = nn.LayerNorm(dim)
@@ -173,7 +174,8 @@ class BasicTransformerBlock(nn.Module):
 
     def forward(self, x, context):
         x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
+        if self.use_text:
+            x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
 

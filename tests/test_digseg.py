@@ -260,3 +260,29 @@ def test_a_separate_proposal_clip_proposes_and_the_conditioner_stays(tiny_paths,
     assert any(abs(theirs[c]["global"] - own[c]["global"]) > 1e-3 for c in vocab)
     assert torch.equal(model.context(["a photo of a circle."]), ctx)  # the conditioner is unchanged
     assert not any(n.startswith("proposal_clip") for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_text_scales_paper_keeps_the_text_at_one_quarter_and_one_eighth():
+    """App. A.2's "two scales" on the SD2 U-Net: cross-attention at 1/4 (down_blocks.2, up_blocks.1)
+    and the mid-block (1/8) keep the text; the 1/1 and 1/2 levels skip it."""
+    from digseg import text_blocks, text_skipped
+    from model.unet import BasicTransformerBlock, UNet2DCondition, UNetConfig
+    with torch.device("meta"):
+        unet = UNet2DCondition(UNetConfig())
+    skipped = text_skipped(unet, "paper")
+    kept = {n for n, _ in text_blocks(unet)} - skipped
+    assert text_skipped(unet, "all") == set() and len(skipped) == 10
+    assert {n.split(".attentions")[0] for n in kept} == {"down_blocks.2", "up_blocks.1", "mid_block"}
+    assert {n.split(".attentions")[0] for n in skipped} == {"down_blocks.0", "down_blocks.1", "up_blocks.2", "up_blocks.3"}
+    block = BasicTransformerBlock(16, 2, 8, False).eval()
+    x, c1, c2 = torch.randn(1, 5, 16), torch.randn(1, 7, 8), torch.randn(1, 7, 8)
+    assert not torch.allclose(block(x, c1), block(x, c2))
+    block.use_text = False                                   # skipped: the text no longer matters
+    assert torch.equal(block(x, c1), block(x, c2))
+
+
+def test_text_scales_is_checked_and_saved(tiny_paths, tmp_path):
+    with pytest.raises(ValueError, match="unknown text_scales 'some'"):
+        DiGSeg.from_weights(*tiny_paths, resolution=32, text_scales="some")
+    DiGSeg.from_weights(*tiny_paths, resolution=32, text_scales="paper").save(tmp_path / "c")
+    assert DiGSeg.from_checkpoint(tmp_path / "c").cfg.text_scales == "paper"
