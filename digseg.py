@@ -333,19 +333,21 @@ class DiGSeg(nn.Module):
     # ---- Sec. 3.7 and App. A.3 "Mask generation": inference --------------------------------
 
     @torch.no_grad()
-    def segment(self, image, class_names, ensemble=8, steps=1, spacing="trailing", seed=0, batch_size=8, eta=0.0):
+    def segment(self, image, class_names, ensemble=8, steps=1, spacing="trailing", seed=0, batch_size=8, eta=0.0,
+                long_side=None):
         """image: PIL image or (3, H, W) tensor in [-1, 1]; K class names -> probs (K, H, W) in [0, 1].
 
         For each class c, the E members start from z_T ~ N(0, I) (member e always uses the noise of
         seed + e, whatever the batching), run S DDIM steps (Eq. 7) conditioned on the prompt of c,
         and are averaged in latent space before decoding (Eq. 8): M_c = (mean_RGB D(z_0) + 1) / 2.
         eta > 0: Eq. 7's sigma_t term; member e's step noises come from the same seed + e stream.
+        long_side: the working size's long side (default cfg.resolution; eval.py's protocols set it).
         """
         if len(class_names) == 0:
             raise ValueError("segment() needs at least one class name")
         if not isinstance(ensemble, int) or ensemble < 1:
             raise ValueError(f"the ensemble size E must be an integer >= 1, got {ensemble!r}")
-        x, (H, W), crop = self.prepare_image(image)                   # (1, 3, H', W') padded
+        x, (H, W), crop = self.prepare_image(image, long_side)        # (1, 3, H', W') padded
         z_x = self.encode_image(x)                                    # (1, 4, h, w)
         ctx = self.context([self.cfg.prompt_template.format(c) for c in class_names])   # (K, 77, C)
         K, E = len(class_names), ensemble
@@ -389,8 +391,9 @@ class DiGSeg(nn.Module):
         yield from ddim_sample(predict, z_T.float(), ddim_timesteps(steps, T, spacing), self.alphas_cumprod,
                                self.cfg.target, T, eta, noises)
 
-    def prepare_image(self, image):
-        """Any image -> (1, 3, H', W') in [-1, 1]: long side resized to cfg.resolution, then padded
+    def prepare_image(self, image, long_side=None):
+        """Any image -> (1, 3, H', W') in [-1, 1]: long side resized to `long_side` (default
+        cfg.resolution), then padded
         (reflect) to a multiple of `self.multiple` px. Returns the original (H, W) and the crop box of
         the content inside the padded image, so masks go back to the original size.
 
@@ -400,7 +403,7 @@ class DiGSeg(nn.Module):
         if image.dim() != 3 or image.shape[0] != 3:
             raise ValueError(f"expected an image tensor (3, H, W) in [-1, 1], got shape {tuple(image.shape)}")
         H, W = image.shape[1:]
-        scale = self.cfg.resolution / max(H, W)
+        scale = (long_side or self.cfg.resolution) / max(H, W)
         h, w = max(1, round(H * scale)), max(1, round(W * scale))
         x = F.interpolate(image[None].float(), size=(h, w), mode="bilinear", align_corners=False, antialias=scale < 1)
         m = self.multiple

@@ -92,6 +92,15 @@ def pooled_iou_dice(counts):
         return np.where(union > 0, inter / union, np.nan), np.where(p + g > 0, 2 * inter / (p + g), np.nan)
 
 
+def pooled_precision_recall_f1(counts):
+    """counts (C, 4) summed binary_counts -> per-class precision |P & G| / |P|, recall |P & G| / |G|
+    and F1 = 2PR / (P + R) (C,), nan where undefined; Table 3's binary scores (F1 equals Dice)."""
+    inter, _, p, g = counts.T.astype(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision, recall = np.where(p > 0, inter / p, np.nan), np.where(g > 0, inter / g, np.nan)
+        return precision, recall, np.where(p + g > 0, 2 * inter / (p + g), np.nan)
+
+
 def write_per_class_csv(path, class_names, scores):
     """One row per class: index, class, iou (nan where undefined), gt_pixels; scores = miou(cm)."""
     if len(class_names) != len(scores["per_class"]):

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from metrics import binary_iou_dice, confusion_matrix, miou, write_per_class_csv
+from metrics import (binary_counts, binary_iou_dice, confusion_matrix, miou, pooled_iou_dice,
+                     pooled_precision_recall_f1, write_per_class_csv)
 
 
 def reference_scores(preds, gts, C, ignore):
@@ -121,3 +122,13 @@ def test_per_class_csv(tmp_path):
     assert rows[3]["iou"] == "nan"                 # never in gt nor predicted: undefined
     with pytest.raises(ValueError, match="3 class names for 4 classes"):
         write_per_class_csv(str(path), ["a", "b", "c"], s)
+
+
+def test_pooled_precision_recall_f1_by_hand():
+    p = np.zeros((4, 4), bool); p[:2] = True                  # 8 predicted
+    g = np.zeros((4, 4), bool); g[1:] = True                  # 12 true, 4 of them predicted
+    counts = np.stack([binary_counts(p, g), binary_counts(np.zeros((2, 2)), np.zeros((2, 2)))])
+    precision, recall, f1 = pooled_precision_recall_f1(counts)
+    assert (precision[0], recall[0]) == (4 / 8, 4 / 12) and f1[0] == pytest.approx(2 * 0.5 * (1 / 3) / (0.5 + 1 / 3))
+    assert f1[0] == pytest.approx(pooled_iou_dice(counts)[1][0])          # F1 is Dice
+    assert np.isnan(precision[1]) and np.isnan(recall[1]) and np.isnan(f1[1])

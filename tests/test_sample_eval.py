@@ -119,3 +119,65 @@ def test_overlay_enlarges_small_images_and_leaves_unlabelled_pixels_alone():
     assert out.shape[1] >= 256 + 1 and out.shape[0] >= 128      # x4 enlargement, + the legend
     assert np.abs(out[0, 0] - (0.5 * np.array([10, 20, 30]) + 0.5 * np.array(colour(1)))).max() <= 1  # blended
     assert (out[40, 0] == [10, 20, 30]).all() and (out[100, 100] == [10, 20, 30]).all()
+
+
+def test_window_starts_cover_every_pixel():
+    assert evaluation.window_starts(10, 4) == [0, 3, 6] and evaluation.window_starts(3, 4) == [0]
+    for length in (32, 33, 100, 2048):
+        starts = evaluation.window_starts(length, 32)
+        covered = np.zeros(length, bool)
+        for s in starts:
+            covered[s:s + 32] = True
+        assert covered.all() and starts[-1] + 32 == max(length, 32)
+
+
+def protocol_args(protocol):
+    return evaluation.parse(["--checkpoint=x", f"--protocol={protocol}", "--ensemble=1", "--steps=1"])
+
+
+def test_protocols_long_short_and_sliding_window(tiny_model):
+    image = torch.rand(3, 40, 56, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    names = ["circle", "star"]
+    seen = []
+    hook = tiny_model.vae.encoder.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape[2:])))
+    try:
+        long = evaluation.segment_by_protocol(tiny_model, image, names, protocol_args("long"))
+        short = evaluation.segment_by_protocol(tiny_model, image, names, protocol_args("short"))
+    finally:
+        hook.remove()
+    assert seen == [(24, 32), (32, 48)]          # long side 56 -> 32 (padded to 24x32); short side 40 -> 32
+    assert long.shape == short.shape == (2, 40, 56)
+    assert torch.equal(long, tiny_model.segment(image, names, ensemble=1, steps=1))
+    slide = evaluation.segment_by_protocol(tiny_model, image, names, protocol_args("slide"))
+    total, count = torch.zeros(2, 40, 56), torch.zeros(40, 56)
+    for top in (0, 8):                            # 32 px windows at full resolution, stride 21
+        for left in (0, 21, 24):
+            total[:, top:top + 32, left:left + 32] += tiny_model.segment(image[:, top:top + 32, left:left + 32],
+                                                                         names, ensemble=1, steps=1)
+            count[top:top + 32, left:left + 32] += 1
+    assert torch.allclose(slide, total / count, atol=1e-6)
+    assert (slide - long).abs().max() > 1e-3
+
+
+def test_the_protocol_follows_the_dataset(checkpoint, tmp_path):
+    root = tmp_path / "cityscapes"
+    make_cityscapes(str(root))
+    evaluation.main([f"--checkpoint={checkpoint}", "--dataset=cityscapes19", f"--data_root={root}", "--limit=1",
+                     "--proposals=0", f"--out={tmp_path / 'o'}"])
+    assert json.load(open(tmp_path / "o" / "metrics_main.json"))["key"]["protocol"] == "slide"
+    assert evaluation.PROTOCOLS["ade150"] == "short" and evaluation.PROTOCOLS.get("toy", "long") == "long"
+
+
+def test_binary_benchmarks_print_table_3s_scores(checkpoint, tmp_path, capsys):
+    root = tmp_path / "dg"
+    for i in range(2):
+        os.makedirs(root / "val", exist_ok=True)
+        Image.fromarray((np.random.default_rng(i).random((40, 56, 3)) * 255).astype(np.uint8)).save(root / f"val/{i}_sat.jpg")
+        road = np.zeros((40, 56, 3), np.uint8)
+        road[:, 20:30] = 255
+        Image.fromarray(road).save(root / f"val/{i}_mask.png")
+    r = evaluation.main([f"--checkpoint={checkpoint}", "--dataset=deepglobe", f"--data_root={root}", "--proposals=0",
+                         "--tau=0.3", f"--out={tmp_path / 'o'}"])["main"]
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("  road:")][0]
+    assert f"precision {r['binary_precision'][0]:.4f}, recall {r['binary_recall'][0]:.4f}" in line
+    assert r["binary_f1"][0] == pytest.approx(r["binary_dice"][0])
