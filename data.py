@@ -584,6 +584,33 @@ def window(a, top, left, size, fill):
     return out
 
 
+class MergedTrainSet(torch.utils.data.Dataset):
+    """Several training sets as one (Table 5: COCO-Stuff + ADE20K -> Cityscapes / BDD100K), the label
+    spaces merged by name: a class whose first name appears in two datasets is one class with one
+    prompt. Samples are the parts' samples, in order; class_index refers to the merged list."""
+
+    def __init__(self, parts):
+        self.parts = parts
+        self.name = "+".join(getattr(p, "name", "toy") for p in parts)
+        self.class_names = list(dict.fromkeys(n for p in parts for n in p.class_names))
+        self.offsets = np.cumsum([0] + [len(p) for p in parts])
+
+    def __len__(self):
+        return int(self.offsets[-1])
+
+    def set_epoch(self, epoch):
+        for p in self.parts:
+            p.set_epoch(epoch)
+
+    def check(self):
+        return [problem for p in self.parts for problem in p.check()]
+
+    def __getitem__(self, index):
+        k = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        item = self.parts[k][index - int(self.offsets[k])]
+        return {**item, "class_index": self.class_names.index(self.parts[k].class_names[item["class_index"]])}
+
+
 def collate(items):
     """TrainSet items -> dict(image (B, 3, S, S), mask (B, S, S), prompt [B], class_index (B,))."""
     return dict(image=torch.stack([it["image"] for it in items]),
@@ -598,6 +625,12 @@ def build(name, root, split, *, evaluation=False, classes=None, fraction=1.0, se
     train_options, as TrainSet takes them: size=512, template="a photo of a {}.", p_absent=0.0,
     scale=(0.8, 1.2) (the toy world: size=64, template, p_absent). `classes`: a class-list file of
     your own in place of the shipped one."""
+    if "+" in name:
+        if evaluation or name.count("+") != str(root).count(","):
+            raise DataError(f"{name}: a merged set trains on several datasets (Table 5), with one root each: "
+                            f"--data_root=ROOT1,ROOT2 in the same order; evaluate on one dataset at a time")
+        return MergedTrainSet([build(n, r, split, classes=None, fraction=fraction, seed=seed, **train_options)
+                               for n, r in zip(name.split("+"), str(root).split(","))])
     if name == "toy":
         if evaluation:
             return ToyScenes(split, fraction=fraction, seed=seed)

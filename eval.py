@@ -5,6 +5,8 @@
     python eval.py ... --proposals=0                         # every class of the dataset, no CLIP proposals
     python eval.py ... --study=sweep                         # Table 6: E x S rows, mIoU and images/s
     python eval.py ... --study=steps                         # Fig. 8: steps 1..50, trailing vs leading (PNG)
+    python eval.py ... --study=tau                           # Fig. 3: binary IoU vs tau per class (PNG)
+    python eval.py --study=fractions --runs=out/f1,out/f0.5 ... # Fig. 6: mIoU vs --fraction of each run (PNG)
     python eval.py --sd2=PATH --dataset=... --study=vae      # Table 7: the SD VAE on ground-truth masks
 
 Results go to --out, by default out/eval/<run>-<checkpoint digest>/<dataset>-<split>/: one folder
@@ -35,6 +37,7 @@ from metrics import (binary_counts, confusion_matrix, miou, pooled_iou_dice, poo
 from model.weights import load_sd2, torch_save_atomic, write_text_atomic
 from plot import line_plot, overlay, side_by_side
 
+TAUS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)     # --study=tau (Fig. 3)
 SWEEP = [(1, 1, "trailing"), (1, 2, "trailing"), (4, 2, "trailing"), (8, 2, "trailing"), (20, 50, "leading")]
 KEYED = ("protocol", "ensemble", "steps", "spacing", "eta", "seed", "tau", "tau_bg", "proposals", "proposal_clip", "tau_global",
          "tau_patch", "dtype")
@@ -111,12 +114,13 @@ def _file_digest(path):
 
 def evaluate(model, ds, args, key, tag, rank=0, world=1):
     """This rank's images (rank, rank + world, ...) -> (confusion matrix (C+1, C+1), binary counts
-    (C, 4): intersection, union, |P|, |G| pooled over images, images/s). The partial result is saved
-    every --save_every images under a name that holds the key's digest."""
-    C = len(ds.class_names)
+    (len(taus), C, 4): intersection, union, |P|, |G| pooled over images, at each threshold tau of
+    `taus` (TAUS for --study=tau, else --tau alone), images/s). The partial result is saved every
+    --save_every images under a name that holds the key's digest."""
+    C, taus = len(ds.class_names), study_taus(args)
     key_id = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     partial = os.path.join(args.out, f"partial_{tag}_{key_id}_rank{rank}of{world}.pt")
-    cm, counts, done = np.zeros((C + 1, C + 1), np.int64), np.zeros((C, 4), np.int64), []
+    cm, counts, done = np.zeros((C + 1, C + 1), np.int64), np.zeros((len(taus), C, 4), np.int64), []
     if os.path.isfile(partial):
         state = torch.load(partial, weights_only=True)    # tensors, lists, strings and numbers only
         if state["key"] == key:
@@ -131,8 +135,9 @@ def evaluate(model, ds, args, key, tag, rank=0, world=1):
         if probs is not None:
             valid = (gt != ds.ignore_index).numpy()
             for local, c in enumerate(classes):       # binary IoU/Dice per class at tau (Eq. 8's M_c > tau)
-                p = binary_mask(probs[local], args.tau).numpy() & valid
-                counts[c] += binary_counts(p, ds.class_mask(gt.numpy(), c) & valid)
+                truth = ds.class_mask(gt.numpy(), c) & valid
+                for k, tau in enumerate(taus):
+                    counts[k, c] += binary_counts(binary_mask(probs[local], tau).numpy() & valid, truth)
         if j < args.overlays and rank == 0:
             both = side_by_side(*(overlay(tensor_to_pil(image), labels, ds.class_names) for labels in (pred, gt)))
             both.save(os.path.join(args.out, f"overlay_{tag}_{os.path.basename(path)}.png"))  # prediction | truth
@@ -148,6 +153,24 @@ def evaluate(model, ds, args, key, tag, rank=0, world=1):
     if rank == 0 and todo and sys.stdout.isatty():
         print()
     return cm, counts, len(todo) / max(time.time() - t0, 1e-9)
+
+
+def study_taus(args):
+    return TAUS if args.study == "tau" else (args.tau,)
+
+
+def fig3(counts, names, out, dataset):
+    """Fig. 3: binary IoU vs tau per class (the 8 classes with most ground-truth pixels, and the mean
+    over classes present) -> fig3_tau.png and tau_curves.json."""
+    ious = np.stack([pooled_iou_dice(c)[0] for c in counts])          # (taus, C)
+    present = np.flatnonzero(counts[0, :, 3] > 0)
+    top = present[np.argsort(-counts[0, present, 3])][:8]
+    series = {names[c]: (list(TAUS), ious[:, c].tolist()) for c in top}
+    series["mean over classes"] = (list(TAUS), np.nanmean(ious[:, present], axis=1).tolist())
+    line_plot(os.path.join(out, "fig3_tau.png"), series, xlabel="tau", ylabel="binary IoU",
+              title=f"Fig. 3: IoU vs the mask threshold tau ({dataset})")
+    write_text_atomic(os.path.join(out, "tau_curves.json"), json.dumps(
+        {"tau": list(TAUS), "iou": {names[c]: ious[:, c].tolist() for c in present}}, indent=2))
 
 
 def report(cm, counts, names, out, tag, rate, key):
@@ -211,7 +234,7 @@ def parse(argv):
     p.add_argument("--split", default="val")
     p.add_argument("--classes", default="", help="a class-list file of your own")
     p.add_argument("--out", default="", help="default: out/eval/<run>-<checkpoint digest>/<dataset>-<split>")
-    p.add_argument("--study", default="", choices=["", "sweep", "steps", "vae"])
+    p.add_argument("--study", default="", choices=["", "sweep", "steps", "tau", "vae", "fractions"])
     p.add_argument("--protocol", default="auto", choices=["auto", "long", "short", "slide"],
                    help="auto: by dataset (PROTOCOLS); long: long side to the model's resolution; short: short "
                         "side to it; slide: full resolution in overlapping windows")
@@ -219,6 +242,7 @@ def parse(argv):
     p.add_argument("--steps", type=positive_int, default=1, help="S, DDIM steps")
     p.add_argument("--spacing", default="trailing", choices=["trailing", "leading", "linspace"])
     p.add_argument("--max_steps", type=positive_int, default=50, help="--study=steps: 1..max_steps")
+    p.add_argument("--runs", default="", help="--study=fractions: train.py out_dirs, comma-separated")
     p.add_argument("--tau", type=float, default=0.7, help="threshold of one class's binary mask")
     p.add_argument("--eta", type=float, default=0.0, help="Eq. 7's sigma_t: 0 = deterministic DDIM (the paper, Sec. 4.1)")
     p.add_argument("--tau_bg", type=float, default=0.5,
@@ -253,17 +277,22 @@ def study_rows(args):
     if args.study == "steps":
         steps = sorted({1, 2, 3, 4, 5, 10, 20, 50} & set(range(1, args.max_steps + 1)) | {args.max_steps})
         return [(f"S{s}-{sp}", args.ensemble, s, sp) for sp in ("trailing", "leading") for s in steps]
+    if args.study == "tau":
+        return [("tau", args.ensemble, args.steps, args.spacing)]
     return [("main", args.ensemble, args.steps, args.spacing)]
 
 
 def main(argv=None):
     """-> {row tag: scores} on rank 0 ({} on the other ranks); --study=vae: {"vae": result}."""
+    argv = sys.argv[1:] if argv is None else argv
     args = parse(argv)
     if args.protocol == "auto":
         args.protocol = PROTOCOLS.get(args.dataset, "long")
     ds = data.build(args.dataset, args.data_root, args.split, evaluation=True, classes=args.classes or None)
     if args.study == "vae":
         return {"vae": table7(args, ds)}
+    if args.study == "fractions":
+        return {"fractions": fig6(args, argv)}
     if not args.checkpoint:
         raise UsageError("--checkpoint is required (a folder with digseg.json and digseg.safetensors)")
     procs = start_processes(args.device)
@@ -283,7 +312,11 @@ def main(argv=None):
         cm, counts, rate = evaluate(model, ds, args, key, tag, procs.rank, procs.world)
         cm, counts = all_reduce_sum(cm, counts)
         if procs.master:
-            results[tag] = r = report(cm, counts, ds.class_names, args.out, tag, rate, key)
+            taus = study_taus(args)                       # the row's binary scores: at the tau nearest --tau
+            at_tau = counts[int(np.argmin([abs(t - args.tau) for t in taus]))]
+            results[tag] = r = report(cm, at_tau, ds.class_names, args.out, tag, rate, key)
+            if args.study == "tau":
+                fig3(counts, ds.class_names, args.out, args.dataset)
             print(f"{args.dataset} {args.split} {tag}: mIoU {r['miou_gt']:.4f} (classes in GT; {r['miou_all']:.4f} "
                   f"mmseg-style), pixel acc {r['pixel_acc']:.4f}, {rate:.2f} images/s per process", flush=True)
             if args.dataset in data.DATASETS and data.DATASETS[args.dataset].metric == "binary":   # Table 3
@@ -299,6 +332,33 @@ def main(argv=None):
                       title=f"Fig. 8: mIoU vs DDIM steps ({args.dataset})")
     stop_processes(procs)
     return results
+
+
+def fig6(args, argv):
+    """Fig. 6: mIoU vs the fraction of training data. Evaluates the newest checkpoint of each run in
+    --runs (trained with train.py --fraction=...; the fraction is read from its settings.json) with
+    the other flags of this command -> fig6_fractions.png and fractions.json."""
+    if not args.runs:
+        raise UsageError("--study=fractions needs --runs=DIR,DIR,... (train.py out_dirs trained with --fraction)")
+    out = args.out or os.path.join("out", "eval", "fractions", f"{args.dataset}-{args.split}")
+    rest = [a for a in argv if not a.startswith(("--study", "--runs", "--checkpoint", "--out"))]
+    points = []
+    for run_dir in args.runs.split(","):
+        ckpt = os.path.join(run_dir, "checkpoint")
+        settings = os.path.join(ckpt, "settings.json")
+        if not os.path.isfile(settings):
+            raise UsageError(f"--runs: {settings} not found (expected a train.py out_dir with a checkpoint)")
+        with open(settings) as f:
+            fraction = json.load(f).get("fraction", 1.0)
+        scores = main(rest + [f"--checkpoint={ckpt}", f"--out={os.path.join(out, os.path.basename(run_dir.rstrip('/')))}"])
+        points.append((fraction, run_dir, scores["main"]["miou_gt"]))
+    points.sort()
+    line_plot(os.path.join(out, "fig6_fractions.png"), {args.dataset: ([p[0] for p in points], [p[2] for p in points])},
+              xlabel="fraction of the training data", ylabel="mIoU", title="Fig. 6: mIoU vs training data")
+    result = [{"fraction": f, "run": r, "miou": m} for f, r, m in points]
+    write_text_atomic(os.path.join(out, "fractions.json"), json.dumps(result, indent=2))
+    print(f"Fig. 6: " + ", ".join(f"{f:g}: {m:.4f}" for f, _, m in points) + f"; in {out}/fig6_fractions.png")
+    return result
 
 
 def table7(args, ds):

@@ -73,6 +73,10 @@ def parse_value(name, text, typ, choices=None):
 
 
 def check_choice(name, value, choices):
+    if name == "dataset" and isinstance(value, str) and "+" in value:    # merged training sets: each part
+        for part in value.split("+"):
+            check_choice(name, part, choices)
+        return
     if choices and value not in choices and not (name == "device" and _is_cuda_index(value)):
         raise UsageError(f"--{name}={value}: expected one of {', '.join(map(str, choices))}")
 

@@ -408,3 +408,26 @@ def test_brats_regions_nest(tmp_path):
     np.testing.assert_array_equal(ev.class_mask(labels, 1), stripes([0, 0, 1, 1]).astype(bool))  # core
     np.testing.assert_array_equal(ev.class_mask(labels, 2), stripes([0, 0, 0, 1]).astype(bool))  # enhancing
     assert ev.spec.metric == "binary" and ev.present_classes(np.array([[2]])) == [0, 1, 2]
+
+
+def test_merged_training_sets_share_classes_by_name(tmp_path):
+    """Table 5: COCO + ADE style merging, here ADE-150 + Cityscapes (both have "road" and "car")."""
+    ade = make(tmp_path / "ade", "ade150", {"ADE_train_1": stripes([7, 21])})        # raw 7 = road, 21 = car
+    city = make(tmp_path / "city", "cityscapes19", {"frankfurt_000000_000294": stripes([0, 13])})  # road, car
+    merged = build("ade150+cityscapes19", f"{ade},{city}", "val", size=32, p_absent=0.0)
+    assert len(merged) == 2 and merged.class_names[:150] == build("ade150", ade, "val", evaluation=True).class_names
+    assert len(merged.class_names) == 150 + 19 - len(set(merged.class_names[:150]) & set(
+        build("cityscapes19", city, "val", evaluation=True).class_names))
+    for i in range(2):
+        item = merged[i]
+        assert merged.class_names[item["class_index"]] in ("road", "car")
+        assert item["prompt"] == f"a photo of a {merged.class_names[item['class_index']]}."
+    with pytest.raises(DataError, match="one root each"):
+        build("ade150+cityscapes19", str(ade), "val", size=32)
+
+
+def test_train_accepts_a_merged_dataset_flag():
+    import train
+    assert train.parse_args(["--dataset=cocostuff171+ade150"]).dataset == "cocostuff171+ade150"
+    with pytest.raises(Exception, match="--dataset=imagenet"):
+        train.parse_args(["--dataset=cocostuff171+imagenet"])

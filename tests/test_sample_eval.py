@@ -11,6 +11,8 @@ from PIL import Image
 
 import eval as evaluation
 import sample
+from data import TOY_CLASSES
+from digseg import DiGSeg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -181,3 +183,34 @@ def test_binary_benchmarks_print_table_3s_scores(checkpoint, tmp_path, capsys):
     line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("  road:")][0]
     assert f"precision {r['binary_precision'][0]:.4f}, recall {r['binary_recall'][0]:.4f}" in line
     assert r["binary_f1"][0] == pytest.approx(r["binary_dice"][0])
+
+
+def test_fig3_tau_study_and_fig6_fractions(tiny_model, tmp_path):
+    runs = []
+    for fraction, scale in ((1.0, 1.0), (0.25, 0.5)):        # two "runs": the model, and one with other weights
+        run_dir = tmp_path / f"f{fraction}"
+        model = DiGSeg.from_checkpoint(tiny_model_ckpt(tiny_model, tmp_path), device="cpu")
+        with torch.no_grad():
+            model.unet.conv_out.weight.mul_(scale)
+        model.save(run_dir / "checkpoint")
+        (run_dir / "checkpoint" / "settings.json").write_text(json.dumps({"fraction": fraction}))
+        runs.append(str(run_dir))
+    common = ["--dataset=toy", "--limit=3", "--proposals=0"]
+    r = evaluation.main(common + ["--study=fractions", f"--runs={','.join(runs)}", f"--out={tmp_path / 'f6'}"])
+    assert [p["fraction"] for p in r["fractions"]] == [0.25, 1.0] and (tmp_path / "f6" / "fig6_fractions.png").is_file()
+    direct = evaluation.main(common + [f"--checkpoint={runs[1]}/checkpoint", f"--out={tmp_path / 'd'}"])["main"]
+    assert r["fractions"][0]["miou"] == direct["miou_gt"]
+    tau = evaluation.main(common + [f"--checkpoint={runs[0]}/checkpoint", "--study=tau", f"--out={tmp_path / 't'}"])
+    curves = json.load(open(tmp_path / "t" / "tau_curves.json"))
+    assert curves["tau"] == list(evaluation.TAUS) and (tmp_path / "t" / "fig3_tau.png").is_file()
+    at07 = {c: v[evaluation.TAUS.index(0.7)] for c, v in curves["iou"].items()}
+    names = list(TOY_CLASSES)
+    for c, v in at07.items():                                # the row's binary IoU is the curve at tau = 0.7
+        assert tau["tau"]["binary_iou"][names.index(c)] == pytest.approx(v, nan_ok=True)
+
+
+def tiny_model_ckpt(tiny_model, tmp_path):
+    folder = tmp_path / "base"
+    if not folder.is_dir():
+        tiny_model.save(folder)
+    return folder
