@@ -27,6 +27,7 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import data
 from data import tensor_to_pil
@@ -194,16 +195,47 @@ def vae_on_masks(vae, vae_scale, ds, n=1000, batch=8, device="cpu"):
     MAE between the decoded channel mean mapped to [0, 1] and the mask; label accuracy: the decoded
     value's nearest palette entry (0 or 1) equals the mask. Masks of one size are batched."""
     dtype = next(vae.parameters()).dtype
-    maes, accs, masks = [], [], _class_masks(ds, n)
+    maes, accs, stds, ranges, masks = [], [], [], [], _class_masks(ds, n)
     while chunk := list(itertools.islice(masks, batch)):
         for shape in {tuple(m.shape) for m in chunk}:
             y = torch.stack([m for m in chunk if tuple(m.shape) == shape]).to(device)
             z = vae.encode(mask_to_image(y).to(dtype))[0] * vae_scale
-            decoded = image_to_mask(vae.decode(z / vae_scale))                   # (B, H, W) in [0, 1]
+            rgb = vae.decode(z / vae_scale).float()                               # (B, 3, H, W)
+            decoded = image_to_mask(rgb)                                          # (B, H, W) in [0, 1]
             maes.append((decoded - y).abs().flatten(1).mean(1).cpu())
             accs.append(((decoded > 0.5) == (y > 0.5)).float().flatten(1).mean(1).cpu())
+            stds.append(rgb.std(dim=1).flatten(1).mean(1).cpu())                  # the paper's channel spread
+            ranges.append((rgb.amax(dim=1) - rgb.amin(dim=1)).flatten(1).mean(1).cpu())
     mae, acc = torch.cat(maes), torch.cat(accs)
-    return {"masks": len(mae), "mae": mae.mean().item(), "label_accuracy": acc.mean().item()}
+    return {"masks": len(mae), "mae": mae.mean().item(), "label_accuracy": acc.mean().item(),
+            "channel_std": torch.cat(stds).mean().item(), "channel_range": torch.cat(ranges).mean().item()}
+
+
+@torch.no_grad()
+def vae_on_label_maps(vae, vae_scale, ds, n=100, device="cpu"):
+    """Table 7 for whole multi-class label maps: each map painted with a palette of C colours (ours:
+    the paper names none; a seeded random palette, ignore pixels black), encoded and decoded; each
+    decoded pixel takes the label of the nearest palette colour. -> label accuracy over valid
+    pixels and the mIoU of the recovered maps against the originals."""
+    C, dtype = len(ds.class_names), next(vae.parameters()).dtype
+    palette = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (C, 3))).float() / 127.5 - 1   # (C, 3)
+    cm, right, total = 0, 0, 0
+    for i in range(min(n, len(ds))):
+        _, gt, _ = ds[i]
+        valid = (gt >= 0) & (gt < C)
+        x = torch.where(valid[..., None], palette[gt.clamp(0, C - 1)], torch.full((3,), -1.0))  # (H, W, 3)
+        x = x.permute(2, 0, 1)[None].to(device, dtype)
+        h, w = x.shape[2:]
+        f = 2 ** (len(vae.config.block_out_channels) - 1)       # the VAE's size factor (8 for SD2)
+        ph, pw = -h % f, -w % f
+        x = F.pad(x, (0, pw, 0, ph), mode="replicate")
+        rgb = vae.decode(vae.encode(x)[0]).float()[0, :, :h, :w].cpu()    # (3, H, W); the scale cancels
+        recovered = torch.cdist(rgb.flatten(1).T, palette).argmin(1).reshape(h, w)
+        right += int((recovered == gt)[valid].sum())
+        total += int(valid.sum())
+        cm = cm + confusion_matrix(recovered.masked_fill(~valid, -1), gt.masked_fill(~valid, ds.ignore_index), C,
+                                   ds.ignore_index)
+    return {"maps": min(n, len(ds)), "label_accuracy": right / max(total, 1), "miou": miou(cm)["miou_gt"]}
 
 
 def _class_masks(ds, n):
@@ -371,8 +403,11 @@ def table7(args, ds):
     device = start_processes(args.device).device
     sd = load_sd2(sd2, dtype=DTYPES[args.dtype], device=device)
     r = vae_on_masks(sd.vae, sd.vae_scale, ds, args.vae_masks, device=device)
+    r["label_maps"] = vae_on_label_maps(sd.vae, sd.vae_scale, ds, min(args.vae_masks, 200), device=device)
     print(f"Table 7 (VAE on {r['masks']} ground-truth masks of {args.dataset}): MAE {r['mae']:.4f}, "
-          f"label accuracy {r['label_accuracy']:.4f}")
+          f"label accuracy {r['label_accuracy']:.4f}, decoded channel std {r['channel_std']:.4f}, "
+          f"channel max-min {r['channel_range']:.4f}; {r['label_maps']['maps']} whole label maps through a "
+          f"palette: pixel accuracy {r['label_maps']['label_accuracy']:.4f}, mIoU {r['label_maps']['miou']:.4f}")
     write_text_atomic(os.path.join(out, "vae_on_masks.json"), json.dumps({**r, "sd2": sd2}, indent=2))
     return r
 

@@ -109,6 +109,18 @@ def test_vae_on_masks_study(tiny_paths):
     ds = data.build("toy", "", "val", evaluation=True)
     r = evaluation.vae_on_masks(sd.vae, sd.vae_scale, ds, n=10)
     assert r["masks"] == 10 and 0 < r["mae"] < 1 and 0 <= r["label_accuracy"] <= 1
+    assert r["channel_std"] > 0 and r["channel_range"] >= r["channel_std"]
+    maps = evaluation.vae_on_label_maps(sd.vae, sd.vae_scale, ds, n=3)
+    assert maps["maps"] == 3 and 0 <= maps["label_accuracy"] < 1
+
+
+def test_table7_label_maps_through_a_perfect_autoencoder_come_back_whole():
+    import types
+    import data
+    identity = types.SimpleNamespace(encode=lambda x: (x, x), decode=lambda z: z, parameters=lambda: iter([torch.zeros(1)]),
+                                     config=types.SimpleNamespace(block_out_channels=(1, 2, 3, 4)))
+    r = evaluation.vae_on_label_maps(identity, 1.0, data.build("toy", "", "val", evaluation=True), n=4)
+    assert r == {"maps": 4, "label_accuracy": 1.0, "miou": 1.0}
 
 
 def test_overlay_enlarges_small_images_and_leaves_unlabelled_pixels_alone():
