@@ -175,7 +175,10 @@ def multires_noise(shape, t, T=1000, strength=0.9, annealed=True, levels=None, g
 
     The appendix formula is garbled in our copy of the paper; this is our reading of its stated
     intent: low-frequency components are strong at large t (coarse structure is destroyed first)
-    and fade as t -> 0, where the noise becomes plain Gaussian.
+    and fade as t -> 0, where the noise becomes plain Gaussian. Sec. 3.6 describes the schedule
+    the other way round (which frequencies dominate when); we follow App. A.1, which matches the
+    annealing of Marigold that the paper builds on. The other reading would weight level i by
+    (s (1 - t/T))^i; it is not implemented.
 
     shape: (B, C, H, W); t: int or (B,) per-sample timesteps; levels: how many coarse levels
     (None: until the coarse grid is 1x1). Returns (B, C, H, W).
