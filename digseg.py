@@ -44,7 +44,7 @@ class DiGSegConfig:
     resolution: int = 512           # inference: the long side is resized to this (paper: 512)
     prompt_template: str = "a photo of a {}."
     clip_vocab: str = ""            # bpe_simple_vocab_16e6.txt.gz, for OpenAI CLIP files without a vocab
-    text_scales: str = "all"        # where the text enters the U-Net: "all" cross-attention, or "paper" (text_levels)
+    text_scales: str = "all"        # where the text enters the U-Net: every cross-attention, or "paper" (text_skipped)
 
 
 class DiGSeg(nn.Module):

@@ -40,8 +40,8 @@ from plot import line_plot, overlay, side_by_side
 
 TAUS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)     # --study=tau (Fig. 3)
 SWEEP = [(1, 1, "trailing"), (1, 2, "trailing"), (4, 2, "trailing"), (8, 2, "trailing"), (20, 50, "leading")]
-KEYED = ("protocol", "ensemble", "steps", "spacing", "eta", "seed", "tau", "tau_bg", "proposals", "proposal_clip", "tau_global",
-         "tau_patch", "dtype")
+KEYED = ("protocol", "ensemble", "steps", "spacing", "eta", "seed", "tau", "tau_bg", "proposals", "proposal_clip",
+         "tau_global", "tau_patch", "dtype")
 
 
 # Evaluation protocols (--protocol; auto = by dataset), as the literature runs each benchmark. The
@@ -336,6 +336,9 @@ def main(argv=None):
                                    sd2=args.sd2 or None, clip=args.clip or None).eval()
     if args.proposal_clip:
         model.use_proposal_clip(args.proposal_clip, vocab=args.clip_vocab or None)
+    if args.proposals and not hasattr(model.proposer, "image"):
+        raise UsageError("--proposals=1 (the default, App. A.3) needs a CLIP with a vision tower, and this checkpoint "
+                         "has none: pass --proposal_clip=PATH, or --proposals=0 to run every class")
     n = min(len(ds), args.limit or len(ds))
     results, rows = {}, study_rows(args)
     for tag, E, S, spacing in rows:
