@@ -20,6 +20,7 @@ tell apart. Any dataset accepts `classes=PATH`, a list of your own in the same f
 """
 import colorsys
 import sys
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -91,9 +92,12 @@ def image_to_tensor(img):
     return x.permute(2, 0, 1).contiguous()                     # (H, W, 3) -> (3, H, W)
 
 
-def read_raw_labels(path, mode=""):
+def read_raw_labels(path, mode="", size=None):
     """A label-map file -> its raw values (H, W), no EXIF (label maps carry none). `mode`: convert
-    first (DeepGlobe and REFUGE masks are read as grey levels, "L")."""
+    first (DeepGlobe and REFUGE masks are read as grey levels, "L"). An .xml file is a polygon
+    annotation (MoNuSeg), drawn at `size` = the image's (width, height)."""
+    if str(path).lower().endswith(".xml"):
+        return read_polygon_mask(path, size)
     try:
         with Image.open(path) as img:
             img.load()
@@ -106,6 +110,22 @@ def read_raw_labels(path, mode=""):
         raise DataError(f"label map {path} has mode {img.mode} with {raw.shape[2]} channels; expected "
                         "one channel of label values (a P, L or 16-bit png/tif)")
     return raw
+
+
+def read_polygon_mask(path, size):
+    """Aperio ImageScope XML as MoNuSeg ships it (Annotation/Regions/Region/Vertices/Vertex with X
+    and Y in pixels), one region per nucleus outline -> raw (H, W) uint8: 1 inside any region, else 0."""
+    try:
+        regions = ET.parse(path).getroot().iter("Region")
+        img = Image.new("L", size, 0)
+        draw = ImageDraw.Draw(img)
+        for region in regions:
+            points = [(float(v.get("X")), float(v.get("Y"))) for v in region.iter("Vertex")]
+            if len(points) >= 3:
+                draw.polygon(points, fill=1)
+    except (OSError, ET.ParseError, TypeError, ValueError) as e:
+        raise DataError(f"cannot read polygon annotation {path}: {e}") from e
+    return np.asarray(img)
 
 
 def read_class_file(path):
@@ -173,6 +193,11 @@ def voc_ids(C, ignore):
     """PASCAL VOC SegmentationClass (palette PNG; read as indices): 0 = background (no class: the
     background threshold predicts it), 1..20 -> classes 0..19, 255 = void (object borders) -> ignore."""
     return {0: NONE, **{v: v - 1 for v in range(1, 21)}, 255: ignore}
+
+
+def monuseg_ids(C, ignore):
+    """MoNuSeg polygons drawn as 1 (nucleus, class 0) on 0 (no class)."""
+    return {0: NONE, 1: 0}
 
 
 def brats_ids(C, ignore):
@@ -296,6 +321,13 @@ DATASETS = {
         images="{split}/images", image_suffix=(".png",), masks="{split}/masks", mask_suffix=".png",
         splits={"train": "train", "val": "val"}, classes="brats", label_table=brats_ids, mask_mode="L",
         nested={0: (1, 2), 1: (2,)}, metric="binary"),
+    # MoNuSeg 2018 (monuseg.grand-challenge.org): H&E tiles with nucleus outlines as XML polygons.
+    "monuseg": Spec(
+        layout="{train,test}/Tissue Images/*.tif and {train,test}/Annotations/*.xml (the release's "
+               "'MoNuSeg 2018 Training Data' as train/; sort MoNuSegTestData's .tif and .xml into test/ the same way)",
+        images="{split}/Tissue Images", image_suffix=(".tif",), masks="{split}/Annotations", mask_suffix=".xml",
+        splits={"train": "train", "val": "test", "test": "test"}, classes="monuseg", label_table=monuseg_ids,
+        metric="binary"),
     # PhenoBench (phenobench.org), unzipped as is.
     "phenobench": Spec(
         layout="{train,val}/images/*.png and {train,val}/semantics/*.png "
@@ -423,7 +455,7 @@ class LabelledImages(torch.utils.data.Dataset):
         """-> (RGB PIL image, labels (H, W) int64 as in the module docstring, image path)."""
         image_path, mask_path = self.pairs[index]
         image = load_rgb(image_path)
-        raw = read_raw_labels(mask_path, self.spec.mask_mode)
+        raw = read_raw_labels(mask_path, self.spec.mask_mode, size=image.size)
         if raw.shape != (image.height, image.width):
             raise DataError(f"image {image_path} is {image.width}x{image.height} but its label map "
                             f"{mask_path} is {raw.shape[1]}x{raw.shape[0]}")
@@ -457,8 +489,8 @@ class LabelledImages(torch.utils.data.Dataset):
         problems = []
         for i, (image_path, mask_path) in enumerate(self.pairs):
             try:
-                raw = read_raw_labels(mask_path, self.spec.mask_mode)
                 w, h = image_size(image_path)
+                raw = read_raw_labels(mask_path, self.spec.mask_mode, size=(w, h))
                 if raw.shape != (h, w):
                     raise DataError(f"label map {mask_path} is {raw.shape[1]}x{raw.shape[0]} but its image "
                                     f"{image_path} is {w}x{h}")

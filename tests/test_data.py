@@ -431,3 +431,23 @@ def test_train_accepts_a_merged_dataset_flag():
     assert train.parse_args(["--dataset=cocostuff171+ade150"]).dataset == "cocostuff171+ade150"
     with pytest.raises(Exception, match="--dataset=imagenet"):
         train.parse_args(["--dataset=cocostuff171+imagenet"])
+
+
+def test_monuseg_draws_its_xml_polygons(tmp_path):
+    write_image(tmp_path / "test/Tissue Images/TCGA-2Z-A9J9-01A-01-TS1.tif")
+    region = lambda pts: ("<Region><Vertices>" + "".join(f'<Vertex X="{x}" Y="{y}" />' for x, y in pts)
+                          + "</Vertices></Region>")
+    (tmp_path / "test/Annotations").mkdir(parents=True)
+    (tmp_path / "test/Annotations/TCGA-2Z-A9J9-01A-01-TS1.xml").write_text(
+        '<?xml version="1.0"?><Annotations><Annotation><Regions>' + region([(2, 3), (12, 3), (12, 9), (2, 9)])
+        + region([(30, 20), (31, 20)]) + "</Regions></Annotation></Annotations>")          # a 2-point region: skipped
+    ev = build("monuseg", tmp_path, "val", evaluation=True)
+    image, labels, path = ev[0]
+    expected = np.full((H, W), -1)
+    expected[3:10, 2:13] = 0                                    # PIL fills the polygon with its outline
+    np.testing.assert_array_equal(labels.numpy(), expected)
+    assert path.endswith(".tif") and ev.class_names == ["nucleus"] and ev.spec.metric == "binary"
+    assert ev.check() == []
+    (tmp_path / "test/Annotations/TCGA-2Z-A9J9-01A-01-TS1.xml").write_text("<Annotations><Region>")
+    with pytest.raises(DataError, match="cannot read polygon annotation"):
+        ev[0]
