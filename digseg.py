@@ -68,8 +68,9 @@ class DiGSeg(nn.Module):
             p.requires_grad_(False)
         if clip is not None:
             clip.requires_grad_(False)
+        skipped = text_skipped(unet, cfg.text_scales)
         for name, block in text_blocks(unet):
-            block.use_text = name not in text_skipped(unet, cfg.text_scales)
+            block.use_text = name not in skipped
         names = set(trainable_parameter_names(self, cfg.trainable))
         for n, p in self.named_parameters():
             if n.startswith("unet.") or n.startswith("mlp."):

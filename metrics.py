@@ -98,7 +98,7 @@ def pooled_precision_recall_f1(counts):
     inter, _, p, g = counts.T.astype(float)
     with np.errstate(invalid="ignore", divide="ignore"):
         precision, recall = np.where(p > 0, inter / p, np.nan), np.where(g > 0, inter / g, np.nan)
-        return precision, recall, np.where(p + g > 0, 2 * inter / (p + g), np.nan)
+    return precision, recall, pooled_iou_dice(counts)[1]
 
 
 def write_per_class_csv(path, class_names, scores):

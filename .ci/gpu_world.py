@@ -4,7 +4,6 @@ own writers, and a `folder` dataset of random "photos" with 4-class label maps.
 
     python .ci/gpu_world.py OUT_DIR BPE_GZ     # BPE_GZ: bpe_simple_vocab_16e6.txt.gz (open_clip's wheel)
 """
-import gzip
 import json
 import os
 import sys
@@ -14,7 +13,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model.clip import CLIP, PRESETS as CLIPS, Tokenizer                          # noqa: E402
+from model.clip import CLIP, PRESETS as CLIPS, Tokenizer, read_openai_merges      # noqa: E402
 from model.unet import PRESETS as UNETS, UNet2DCondition                        # noqa: E402
 from model.vae import PRESETS as VAES, AutoencoderKL                            # noqa: E402
 from model.weights import save_clip_folder, save_sd2_folder                     # noqa: E402
@@ -30,8 +29,7 @@ def main(out, bpe_gz):
         clip = CLIP(CLIPS["clip-vit-l14"])
     vocab_dir = os.path.join(out, "vocab")                  # the OpenAI merges as HF's vocab.json + merges.txt
     os.makedirs(vocab_dir, exist_ok=True)
-    with gzip.open(bpe_gz, "rt", encoding="utf-8") as f:
-        merges = f.read().split("\n")[1:49152 - 256 - 2 + 1]      # as Tokenizer.from_openai reads them
+    merges = read_openai_merges(bpe_gz)
     with open(os.path.join(vocab_dir, "vocab.json"), "w") as f:
         json.dump(Tokenizer.from_openai(bpe_gz).tok.get_vocab(), f)
     with open(os.path.join(vocab_dir, "merges.txt"), "w") as f:

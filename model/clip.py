@@ -303,6 +303,12 @@ def _pipeline(bpe):
     return tok
 
 
+def read_openai_merges(bpe_gz):
+    """The 48894 merge lines ("a b") of OpenAI's bpe_simple_vocab_16e6.txt.gz (after its header line)."""
+    with gzip.open(bpe_gz, "rt", encoding="utf-8") as f:
+        return f.read().split("\n")[1:49152 - 256 - 2 + 1]
+
+
 class Tokenizer:
     """CLIP's byte-level BPE ("</w>" marks the end of a word) on the `tokenizers` library.
 
@@ -347,9 +353,7 @@ class Tokenizer:
     def from_openai(cls, bpe_gz, pad_token="!"):
         """OpenAI's bpe_simple_vocab_16e6.txt.gz: 48894 merges; the vocabulary is rebuilt from them:
         256 byte characters, the same with "</w>", one token per merge, then the two specials (49408)."""
-        with gzip.open(bpe_gz, "rt", encoding="utf-8") as f:
-            lines = f.read().split("\n")
-        merges = [tuple(ln.split()) for ln in lines[1:49152 - 256 - 2 + 1]]
+        merges = [tuple(ln.split()) for ln in read_openai_merges(bpe_gz)]
         chars = list(bytes_to_unicode().values())
         tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + [SOT, EOT]
         return cls({t: i for i, t in enumerate(tokens)}, merges, pad_token)
