@@ -11,6 +11,8 @@ Label maps, as EvalSet yields them, are int64 in class-index space:
   c in [0, C)      class c (the c-th class line of classes/<name>.txt)
   NONE = -1        a valid pixel of no class (DeepGlobe background, REFUGE outside the disc)
   ignore_index     not annotated, not scored: 255, or 65535 where 255 is a class (ADE-847, PC-459)
+  SEVERAL + b      a pixel of several classes, those whose bits are set in b (Agriculture-Vision,
+                   whose labels overlap; only in datasets of <= metrics.SET_CLASSES classes)
 
 Class lists live in classes/<name>.txt: lines starting with '#' are comments (the first says where
 the list comes from), then one class per line in label order; "a, b, c" lists synonyms and the
@@ -28,6 +30,8 @@ from typing import Callable
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageOps
+
+from metrics import SET_CLASSES, SEVERAL
 
 NONE = -1
 INVALID = -2            # a raw label value that the dataset never uses (an error if found)
@@ -128,6 +132,31 @@ def read_polygon_mask(path, size):
     return np.asarray(img)
 
 
+def read_class_folders(path, names):
+    """Agriculture-Vision's labels of one sample: one binary PNG per class, overlapping, in
+    <split>/labels/<class>/<id>.png (the class name with '_' for ' '), and two validity maps, the
+    field boundary <split>/boundaries/<id>.png (= path) and <split>/masks/<id>.png: pixels outside
+    either are not scored. -> raw (H, W) int64: the bitmask of the sample's classes (bit c = the
+    c-th name), 2 ** len(names) where not valid. Class folders not named are not read (the 2021
+    release's storm_damage, which its challenge does not score: its pixels count as background)."""
+    path, split_dir = Path(path), Path(path).parent.parent
+    files = [split_dir / "masks" / path.name] + [split_dir / "labels" / n.replace(" ", "_") / path.name for n in names]
+    valid = read_raw_labels(path, "L") > 0
+    raw = np.zeros(valid.shape, np.int64)
+    for bit, f in enumerate(files):
+        if not f.is_file():
+            raise DataError(f"{f} not found: every sample needs its validity mask and one PNG per class "
+                            f"({', '.join(n.replace(' ', '_') for n in names)})")
+        a = read_raw_labels(f, "L") > 0
+        if a.shape != valid.shape:
+            raise DataError(f"{f} is {a.shape[1]}x{a.shape[0]} but {path} is {valid.shape[1]}x{valid.shape[0]}")
+        if bit == 0:
+            valid &= a
+        else:
+            raw |= a.astype(np.int64) << (bit - 1)
+    return np.where(valid, raw, 2 ** len(names))
+
+
 def read_class_file(path):
     """classes/<name>.txt -> the class lines (synonym lists), '#' comments and blank lines skipped."""
     try:
@@ -207,6 +236,15 @@ def brats_ids(C, ignore):
     return {0: NONE, 2: 0, 1: 1, 4: 2}
 
 
+def agrivision_ids(C, ignore):
+    """read_class_folders' bitmasks: 0 no pattern (background, NONE), one bit c -> class c, several
+    bits b -> SEVERAL + b (scored by metrics.confusion_matrix's overlap rule), 2 ** C -> ignore."""
+    if C > SET_CLASSES:
+        raise DataError(f"Agriculture-Vision: {C} classes, more than the {SET_CLASSES} whose overlaps we encode")
+    several = {b: SEVERAL + b for b in range(1, 2 ** C) if b & (b - 1)}
+    return {0: NONE, **{2 ** c: c for c in range(C)}, **several, 2 ** C: ignore}
+
+
 def refuge_ids(C, ignore):
     """REFUGE masks (grey levels): 255 background (NONE), 128 disc rim -> 0, 0 cup -> 1. Label 0
     ('optic disc') is only the rim in the label map; the class 'optic disc' = rim + cup comes from
@@ -231,6 +269,7 @@ class Spec:
     metric: str = "miou"             # "miou" (confusion matrix) or "binary" (IoU and Dice per class)
     domains: tuple = ()              # sub-collections that {domain} in images/masks runs over
     split_list: str = ""             # a file of the split's sample names ({split}); others are left out
+    class_folders: bool = False      # labels: one binary PNG per class (read_class_folders), `masks` = validity
 
 
 DATASETS = {
@@ -328,6 +367,16 @@ DATASETS = {
         images="{split}/Tissue Images", image_suffix=(".tif",), masks="{split}/Annotations", mask_suffix=".xml",
         splits={"train": "train", "val": "test", "test": "test"}, classes="monuseg", label_table=monuseg_ids,
         metric="binary"),
+    # Agriculture-Vision 2021 (agriculture-vision.com; the "supervised" part of cvpr_challenge_2021):
+    # 512 x 512 aerial tiles, RGB read (the NIR channel in images/nir/ is not: the VAE takes RGB),
+    # the field patterns as overlapping binary masks. classes/agrivision2020.txt reads the 2020 release.
+    "agrivision": Spec(
+        layout="{train,val}/images/rgb/<id>.jpg, {train,val}/boundaries/<id>.png, {train,val}/masks/<id>.png "
+               "and {train,val}/labels/<class>/<id>.png (255 = pattern), <class> as in classes/agrivision.txt "
+               "with '_' for ' '",
+        images="{split}/images/rgb", image_suffix=(".jpg",), masks="{split}/boundaries", mask_suffix=".png",
+        splits={"train": "train", "val": "val"}, classes="agrivision", label_table=agrivision_ids,
+        class_folders=True),
     # PhenoBench (phenobench.org), unzipped as is.
     "phenobench": Spec(
         layout="{train,val}/images/*.png and {train,val}/semantics/*.png "
@@ -439,7 +488,7 @@ class LabelledImages(torch.utils.data.Dataset):
         C = len(self.class_names)
         self.ignore_index = 255 if C <= 255 else 65535
         table = self.spec.label_table(C, self.ignore_index)
-        needed = max(v for v in table.values() if v not in (NONE, self.ignore_index)) + 1
+        needed = max(v for v in table.values() if v not in (NONE, self.ignore_index) and (v < SEVERAL or C > SET_CLASSES)) + 1
         if needed > C:
             raise DataError(f"{name}: the class list {self.classes_file} has {C} classes, fewer than the "
                             f"dataset's labels need ({needed})")
@@ -455,11 +504,17 @@ class LabelledImages(torch.utils.data.Dataset):
         """-> (RGB PIL image, labels (H, W) int64 as in the module docstring, image path)."""
         image_path, mask_path = self.pairs[index]
         image = load_rgb(image_path)
-        raw = read_raw_labels(mask_path, self.spec.mask_mode, size=image.size)
+        raw = self.read_labels(mask_path, image.size)
         if raw.shape != (image.height, image.width):
             raise DataError(f"image {image_path} is {image.width}x{image.height} but its label map "
                             f"{mask_path} is {raw.shape[1]}x{raw.shape[0]}")
         return image, self.decode(raw, mask_path), str(image_path)
+
+    def read_labels(self, mask_path, size):
+        """A sample's raw label values (H, W); size = its image's (width, height)."""
+        if self.spec.class_folders:
+            return read_class_folders(mask_path, self.class_names)
+        return read_raw_labels(mask_path, self.spec.mask_mode, size=size)
 
     def decode(self, raw, mask_path):
         raw = raw.astype(np.int64)
@@ -472,12 +527,19 @@ class LabelledImages(torch.utils.data.Dataset):
         return labels
 
     def class_mask(self, labels, c):
-        """The binary mask (bool, like labels) of class c: its own label plus any nested classes."""
-        return np.isin(labels, (c,) + tuple(self.spec.nested.get(c, ())))
+        """The binary mask (bool, like labels) of class c: its own label plus any nested classes,
+        and the pixels of several classes (SEVERAL + b) that include c."""
+        mask = np.isin(labels, (c,) + tuple(self.spec.nested.get(c, ())))
+        if len(self.class_names) <= SET_CLASSES:
+            mask |= (labels >= SEVERAL) & ((labels - SEVERAL) >> c & 1 == 1)
+        return mask
 
     def present_classes(self, labels):
         """Sorted classes with at least one pixel (ignore and NONE are no class)."""
-        present = {int(v) for v in np.unique(labels) if 0 <= v < len(self.class_names)}
+        C, values = len(self.class_names), np.unique(labels)
+        present = {int(v) for v in values if 0 <= v < C}
+        if C <= SET_CLASSES:
+            present |= {c for v in values if SEVERAL <= v < SEVERAL + 2 ** C for c in range(C) if (v - SEVERAL) >> c & 1}
         present |= {c for c, inner in self.spec.nested.items() if present & set(inner)}
         return sorted(present)
 
@@ -490,7 +552,7 @@ class LabelledImages(torch.utils.data.Dataset):
         for i, (image_path, mask_path) in enumerate(self.pairs):
             try:
                 w, h = image_size(image_path)
-                raw = read_raw_labels(mask_path, self.spec.mask_mode, size=(w, h))
+                raw = self.read_labels(mask_path, (w, h))
                 if raw.shape != (h, w):
                     raise DataError(f"label map {mask_path} is {raw.shape[1]}x{raw.shape[0]} but its image "
                                     f"{image_path} is {w}x{h}")

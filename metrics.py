@@ -7,12 +7,19 @@ of it appear in papers (they differ when a class never occurs in the evaluated g
   miou_all  mmsegmentation / older detectron2: nanmean over the classes with TP + FP + FN > 0,
             so a class absent from the ground truth but predicted somewhere counts as IoU 0.
 Both come from the same matrix; say which one a table reports.
+
+Pixels of several classes (Agriculture-Vision's labels overlap) carry SEVERAL + b in the ground
+truth, b the bitmask of their classes (data.py decodes them); confusion_matrix scores them by the
+challenge's rule (github.com/SHI-Labs/Agriculture-Vision, "Evaluation metric").
 """
 import csv
 import os
 
 import numpy as np
 import torch
+
+SEVERAL = 256           # ground truth SEVERAL + b: a pixel of every class whose bit is set in b (>= 2 bits);
+SET_CLASSES = 16        # only in datasets of at most this many classes (above, values >= SEVERAL are classes)
 
 
 def _as_numpy(x):
@@ -26,6 +33,9 @@ def confusion_matrix(pred, gt, num_classes, ignore_index=255):
     and a ground truth of -1 (data.NONE, e.g. DeepGlobe background). So a pixel of class c predicted
     as background is a false negative of c, and background predicted as c a false positive.
     Pixels whose ground truth is ignore_index are dropped. Matrices of several images add up.
+    A pixel of several classes (gt = SEVERAL + b) counts once per class y of its set Y, as the
+    Agriculture-Vision challenge scores overlaps: a hit of y (row y, column y) for every y when
+    the prediction is in Y, else a miss (row y, column prediction) for every y.
     pred, gt: integer arrays or tensors of one shape."""
     pred, gt = _as_numpy(pred).astype(np.int64), _as_numpy(gt).astype(np.int64)
     if pred.shape != gt.shape:
@@ -33,6 +43,13 @@ def confusion_matrix(pred, gt, num_classes, ignore_index=255):
     C = num_classes
     keep = gt != ignore_index
     pred, gt = pred[keep], gt[keep]
+    several = (gt >= SEVERAL) & (gt < SEVERAL + 2 ** min(C, SET_CLASSES)) & (C <= SET_CLASSES)
+    if several.any():                                   # one (gt, pred) pair per class of each such pixel
+        sets, p = gt[several] - SEVERAL, pred[several]
+        hit = (p >= 0) & (p < C) & ((sets >> p.clip(0, C - 1)) & 1 == 1)
+        ys = [(y, sets >> y & 1 == 1) for y in range(C)]
+        pred = np.concatenate([pred[~several]] + [np.where(hit[has], y, p[has]) for y, has in ys])
+        gt = np.concatenate([gt[~several]] + [np.full(int(has.sum()), y) for y, has in ys])
     bad = (gt < -1) | (gt >= C)
     if bad.any():
         raise ValueError(f"ground truth holds {gt[bad][0]}, which is neither a class in [0, {C}), -1 (none) "

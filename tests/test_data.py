@@ -451,3 +451,40 @@ def test_monuseg_draws_its_xml_polygons(tmp_path):
     (tmp_path / "test/Annotations/TCGA-2Z-A9J9-01A-01-TS1.xml").write_text("<Annotations><Region>")
     with pytest.raises(DataError, match="cannot read polygon annotation"):
         ev[0]
+
+
+def test_agrivision_reads_overlapping_class_folders(tmp_path):
+    """Agriculture-Vision: one binary PNG per class (overlapping), a field boundary and a validity mask;
+    the overlap is scored by the challenge's rule (metrics.confusion_matrix)."""
+    from metrics import SEVERAL, confusion_matrix
+    split, key = tmp_path / "val", "1AD76MIZD_1123-7522-1635-8034"
+    write_image(split / f"images/rgb/{key}.jpg")
+    write_mask(split / f"boundaries/{key}.png", stripes([255, 255, 255, 0]))       # last stripe outside the field
+    write_mask(split / f"masks/{key}.png", stripes([255, 255, 255, 255]))
+    names = [n.replace(" ", "_") for n in data.read_class_file(data.CLASSES_DIR / "agrivision.txt")]
+    for n in names:
+        write_mask(split / f"labels/{n}/{key}.png", np.zeros((H, W)))
+    write_mask(split / f"labels/weed_cluster/{key}.png", stripes([0, 255, 255, 255]))
+    write_mask(split / f"labels/water/{key}.png", stripes([0, 0, 255, 255]))
+    write_mask(split / f"labels/storm_damage/{key}.png", stripes([255, 0, 0, 0]))  # not scored: background
+    ev = build("agrivision", tmp_path, "val", evaluation=True)
+    assert ev.class_names[5] == "water" and ev.class_names[7] == "weed cluster" and len(ev.class_names) == 8
+    labels = ev[0][1].numpy()
+    np.testing.assert_array_equal(labels, stripes([-1, 7, SEVERAL + 2 ** 5 + 2 ** 7, 255]))
+    np.testing.assert_array_equal(ev.class_mask(labels, 7), stripes([0, 1, 1, 0]).astype(bool))
+    np.testing.assert_array_equal(ev.class_mask(labels, 5), stripes([0, 0, 1, 0]).astype(bool))
+    assert ev.present_classes(labels) == [5, 7] and ev.check() == []
+    # the overlap stripe: predicting either of its classes is a hit of both; another class a miss of both
+    cm = confusion_matrix(stripes([-1, 7, 5, 0]), labels, 8)
+    overlap = (labels == SEVERAL + 2 ** 5 + 2 ** 7).sum()
+    assert cm[5, 5] == overlap and cm[7, 7] == 2 * overlap and cm[8, 8] == overlap and cm.sum() == 4 * overlap
+    cm = confusion_matrix(stripes([-1, 7, 0, 0]), labels, 8)
+    assert cm[5, 0] == cm[7, 0] == overlap and cm[5, 5] == 0
+    train = build("agrivision", tmp_path, "val", size=32, p_absent=0.0)
+    assert train[0]["prompt"] in ("a photo of a water.", "a photo of a weed cluster.")
+    (split / f"labels/endrow/{key}.png").unlink()
+    with pytest.raises(DataError, match=r"labels/endrow/1AD76MIZD.*png not found: every sample needs"):
+        ev[0]
+    (split / f"boundaries/{key}.png").unlink()
+    with pytest.raises(DataError, match=r"has no partner: expected .*val/boundaries/1AD76MIZD"):
+        build("agrivision", tmp_path, "val", evaluation=True)

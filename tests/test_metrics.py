@@ -132,3 +132,13 @@ def test_pooled_precision_recall_f1_by_hand():
     assert (precision[0], recall[0]) == (4 / 8, 4 / 12) and f1[0] == pytest.approx(2 * 0.5 * (1 / 3) / (0.5 + 1 / 3))
     assert f1[0] == pytest.approx(pooled_iou_dice(counts)[1][0])          # F1 is Dice
     assert np.isnan(precision[1]) and np.isnan(recall[1]) and np.isnan(f1[1])
+
+
+def test_values_above_several_are_classes_in_large_datasets():
+    """SEVERAL + b marks a pixel of several classes only in datasets of <= SET_CLASSES classes; in
+    ADE-847 the value 300 is class 300, and in a 3-class dataset it is an error."""
+    from metrics import SEVERAL
+    cm = confusion_matrix(np.array([300, 2]), np.array([300, SEVERAL + 3]), 847, ignore_index=65535)
+    assert cm[300, 300] == 1 and cm[SEVERAL + 3, 2] == 1 and cm.sum() == 2
+    with pytest.raises(ValueError, match="ground truth holds 300"):
+        confusion_matrix(np.array([0]), np.array([300]), 3)
