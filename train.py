@@ -113,11 +113,13 @@ PRESETS = {
     # Two departures from the paper, toy only, each measured (100 val scenes, E = 1, S = 1 trailing):
     # p_absent = 0.3: evaluation scores every class, so the model must learn to answer an absent
     # class with an empty mask, which it never sees with p_absent = 0 (it turned on > 1 % of the
-    # pixels for 48 % of absent (image, class) pairs); t_max_share = 0.5: one-step trailing
-    # inference only ever runs the U-Net at t = T-1, which uniform t almost never trains. Together:
-    # 0.537 -> 0.752 at 1500 steps (seed 0, same world).
+    # pixels for 48 % of absent (image, class) pairs); t_max_share = 0.75: one-step trailing
+    # inference only ever runs the U-Net at t = T-1, which uniform t almost never trains; the other
+    # quarter keeps uniform t, so that multi-step sampling (Fig. 8) still has a model to run.
+    # Together: 0.537 -> 0.752 at 1500 steps with t_max_share = 0.5 (seed 0, same world); 0.5 ->
+    # 0.75 moved seeds 0 / 1 from 0.752 / 0.740 to 0.764 / 0.786 (1.0: 0.782 for seed 0).
     "toy": dict(dataset="toy", sd2="out/toy/sd2", clip="out/toy/clip", size=64, resolution=64, target="v_prediction",
-                p_absent=0.3, t_max_share=0.5, batch_size=16, max_steps=1500, lr=1e-3, warmup_steps=50,
+                p_absent=0.3, t_max_share=0.75, batch_size=16, max_steps=1500, lr=1e-3, warmup_steps=50,
                 decay="cosine", min_lr=1e-4, dtype="fp32", num_workers=0, log_every=50, save_every=500,
                 out_dir="out/toy/digseg"),
     # The paper's recipe (Sec. 4.1): 512^2, total batch 16 on 8 GPUs, AdamW 1e-4, 30k steps. Ours,
