@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageOps
 
-from metrics import SET_CLASSES, SEVERAL
+from metrics import SET_CLASSES, SEVERAL, class_sets
 
 NONE = -1
 INVALID = -2            # a raw label value that the dataset never uses (an error if found)
@@ -140,20 +140,22 @@ def read_class_folders(path, names):
     c-th name), 2 ** len(names) where not valid. Class folders not named are not read (the 2021
     release's storm_damage, which its challenge does not score: its pixels count as background)."""
     path, split_dir = Path(path), Path(path).parent.parent
-    files = [split_dir / "masks" / path.name] + [split_dir / "labels" / n.replace(" ", "_") / path.name for n in names]
-    valid = read_raw_labels(path, "L") > 0
-    raw = np.zeros(valid.shape, np.int64)
-    for bit, f in enumerate(files):
+    folders = [n.replace(" ", "_") for n in names]
+    boundary = read_raw_labels(path, "L") > 0
+
+    def read(f):                                         # one more binary map of this sample
         if not f.is_file():
             raise DataError(f"{f} not found: every sample needs its validity mask and one PNG per class "
-                            f"({', '.join(n.replace(' ', '_') for n in names)})")
+                            f"({', '.join(folders)})")
         a = read_raw_labels(f, "L") > 0
-        if a.shape != valid.shape:
-            raise DataError(f"{f} is {a.shape[1]}x{a.shape[0]} but {path} is {valid.shape[1]}x{valid.shape[0]}")
-        if bit == 0:
-            valid &= a
-        else:
-            raw |= a.astype(np.int64) << (bit - 1)
+        if a.shape != boundary.shape:
+            raise DataError(f"{f} is {a.shape[1]}x{a.shape[0]} but {path} is {boundary.shape[1]}x{boundary.shape[0]}")
+        return a
+
+    valid = boundary & read(split_dir / "masks" / path.name)
+    raw = np.zeros(valid.shape, np.int64)
+    for bit, folder in enumerate(folders):
+        raw |= read(split_dir / "labels" / folder / path.name).astype(np.int64) << bit
     return np.where(valid, raw, 2 ** len(names))
 
 
@@ -488,7 +490,7 @@ class LabelledImages(torch.utils.data.Dataset):
         C = len(self.class_names)
         self.ignore_index = 255 if C <= 255 else 65535
         table = self.spec.label_table(C, self.ignore_index)
-        needed = max(v for v in table.values() if v not in (NONE, self.ignore_index) and (v < SEVERAL or C > SET_CLASSES)) + 1
+        needed = max(v for v in table.values() if v not in (NONE, self.ignore_index) and not class_sets(v, C)[0]) + 1
         if needed > C:
             raise DataError(f"{name}: the class list {self.classes_file} has {C} classes, fewer than the "
                             f"dataset's labels need ({needed})")
@@ -530,16 +532,17 @@ class LabelledImages(torch.utils.data.Dataset):
         """The binary mask (bool, like labels) of class c: its own label plus any nested classes,
         and the pixels of several classes (SEVERAL + b) that include c."""
         mask = np.isin(labels, (c,) + tuple(self.spec.nested.get(c, ())))
-        if len(self.class_names) <= SET_CLASSES:
-            mask |= (labels >= SEVERAL) & ((labels - SEVERAL) >> c & 1 == 1)
+        several, sets = class_sets(labels, len(self.class_names))
+        if several.any():
+            mask |= several & (sets >> c & 1 == 1)
         return mask
 
     def present_classes(self, labels):
         """Sorted classes with at least one pixel (ignore and NONE are no class)."""
         C, values = len(self.class_names), np.unique(labels)
         present = {int(v) for v in values if 0 <= v < C}
-        if C <= SET_CLASSES:
-            present |= {c for v in values if SEVERAL <= v < SEVERAL + 2 ** C for c in range(C) if (v - SEVERAL) >> c & 1}
+        several, sets = class_sets(values, C)
+        present |= {c for b in sets[several] for c in range(C) if b >> c & 1}
         present |= {c for c, inner in self.spec.nested.items() if present & set(inner)}
         return sorted(present)
 

@@ -26,6 +26,15 @@ def _as_numpy(x):
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
+def class_sets(gt, num_classes):
+    """Which ground-truth values are pixels of several classes -> (bool like gt, the class bitmasks b
+    where so, else 0). Only datasets of <= SET_CLASSES classes have them."""
+    gt = np.asarray(gt)
+    C = num_classes
+    several = (gt >= SEVERAL) & (gt < SEVERAL + 2 ** min(C, SET_CLASSES)) & (C <= SET_CLASSES)
+    return several, np.where(several, gt - SEVERAL, 0)
+
+
 def confusion_matrix(pred, gt, num_classes, ignore_index=255):
     """Pixel counts, int64 (C + 1, C + 1): rows = ground truth, columns = prediction.
 
@@ -43,9 +52,9 @@ def confusion_matrix(pred, gt, num_classes, ignore_index=255):
     C = num_classes
     keep = gt != ignore_index
     pred, gt = pred[keep], gt[keep]
-    several = (gt >= SEVERAL) & (gt < SEVERAL + 2 ** min(C, SET_CLASSES)) & (C <= SET_CLASSES)
+    several, sets = class_sets(gt, C)
     if several.any():                                   # one (gt, pred) pair per class of each such pixel
-        sets, p = gt[several] - SEVERAL, pred[several]
+        sets, p = sets[several], pred[several]
         hit = (p >= 0) & (p < C) & ((sets >> p.clip(0, C - 1)) & 1 == 1)
         ys = [(y, sets >> y & 1 == 1) for y in range(C)]
         pred = np.concatenate([pred[~several]] + [np.where(hit[has], y, p[has]) for y, has in ys])
