@@ -35,7 +35,7 @@ from digseg import DiGSeg, aggregate, binary_mask, image_to_mask, mask_to_image
 from launch import DTYPES, UsageError, all_reduce_sum, positive_int, run, start_processes, stop_processes
 from metrics import (binary_counts, confusion_matrix, miou, pooled_iou_dice, pooled_precision_recall_f1,
                      write_per_class_csv)
-from model.weights import load_sd2, torch_save_atomic, write_text_atomic
+from model.weights import file_digest, load_sd2, torch_save_atomic, write_text_atomic
 from plot import line_plot, overlay, side_by_side
 
 TAUS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)     # --study=tau (Fig. 3)
@@ -104,13 +104,8 @@ def result_key(args, cfg, digest, ds, n):
     classes = getattr(ds, "classes_file", None)
     return {"checkpoint": digest, "sd2": cfg.sd2, "clip": cfg.clip, "dataset": args.dataset, "split": args.split,
             "data_root": "" if args.dataset == "toy" else os.path.abspath(args.data_root),
-            "classes": _file_digest(classes) if classes else "", "images": n,
+            "classes": file_digest(classes) if classes else "", "images": n,
             **{k: getattr(args, k) for k in KEYED}}
-
-
-def _file_digest(path):
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 def evaluate(model, ds, args, key, tag, rank=0, world=1):

@@ -15,7 +15,6 @@ Each stage records its settings in <its folder>/toy_stage.json and is skipped wh
 DIGSEG_TOY_QUICK=1 (the tests, and notebooks under test) builds a quick world with few steps.
 """
 import argparse
-import hashlib
 import json
 import os
 import subprocess
@@ -33,7 +32,7 @@ from model.clip import CLIP, MEAN, STD, CLIPConfig, CLIPTextConfig, CLIPVisionCo
 from model.unet import UNet2DCondition, UNetConfig
 from model.vae import AutoencoderKL, VAEConfig
 from model.diffusion import add_noise, ddim_sample, ddim_timesteps, scaled_linear_alphas_cumprod, velocity
-from model.weights import load_clip, load_sd2, save_clip_folder, save_sd2_folder, write_text_atomic
+from model.weights import file_digest, load_clip, load_sd2, save_clip_folder, save_sd2_folder, write_text_atomic
 from plot import image_grid, line_plot
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -247,12 +246,6 @@ def stage_is_built(folder, settings):
     return built == settings
 
 
-def file_digest(path):
-    """The first 16 hex digits of a file's sha256."""
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()[:16]
-
-
 def mark_built(folder, settings):
     write_text_atomic(os.path.join(folder, "toy_stage.json"), json.dumps(settings))
 
@@ -272,7 +265,7 @@ def build_world(out="out/toy", vae_steps=1500, clip_steps=600, train_steps=1500,
     sd2_dir, clip_dir = build_bases(out, vae_steps, clip_steps)
     run_dir = os.path.join(out, "digseg")
     stage3 = {"vae_steps": vae_steps, "clip_steps": clip_steps, "prior_steps": prior_steps, "train_steps": train_steps,
-              "seed": seed, "train.py": file_digest(os.path.join(HERE, "train.py"))}   # its toy preset changes too
+              "seed": seed, "train.py": file_digest(os.path.join(HERE, "train.py"))[:16]}   # its toy preset changes too
     base = build_prior(out, sd2_dir, clip_dir, {"vae_steps": vae_steps, "clip_steps": clip_steps,
                                                 "prior_steps": prior_steps}) if prior_steps else sd2_dir
     if not stage_is_built(run_dir, stage3):

@@ -9,6 +9,7 @@ Shared rules for every loader in this file:
 - check keys strictly and say which keys are missing, unexpected, or of the wrong shape.
 """
 import collections
+import hashlib
 import io
 import json
 import os
@@ -98,6 +99,12 @@ def write_atomic(path, write):
 def save_file_atomic(tensors, path, metadata=None):
     """A safetensors file, written atomically."""
     write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def file_digest(path):
+    """The sha256 of a file's bytes, as hex."""
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def write_text_atomic(path, text):
