@@ -11,6 +11,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL as DiffusersVAE
 from diffusers import UNet2DConditionModel
 
@@ -192,6 +193,24 @@ def test_upcast_attention_computes_in_float32():
     sample, t, context = (x.bfloat16() if x.is_floating_point() else x for x in unet_inputs(32, 8, 8, tokens=5))
     with torch.no_grad():
         assert not torch.equal(upcast.bfloat16()(sample, t, context), ours.bfloat16()(sample, t, context))
+
+
+def test_attention_under_cpu_bf16_autocast_runs_in_float32():
+    """Under the CPU's bf16 autocast (the toy's training) the attention product is computed in
+    fp32 from the bf16 projections (faster on the CPU; upcast or not), and returns bf16 as the
+    layers around it expect; gradients flow back through the casts."""
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 50, 64, generator=g).bfloat16().requires_grad_() for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention(q, k, v, heads=2)
+    assert out.dtype == torch.bfloat16
+    fp32 = attention(q.float(), k.float(), v.float(), heads=2)
+    assert torch.equal(out, fp32.bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        in_bf16 = F.scaled_dot_product_attention(*(x.view(2, 50, 2, 32).transpose(1, 2) for x in (q, k, v)))
+    assert not torch.equal(out, in_bf16.transpose(1, 2).reshape(2, 50, 64).bfloat16())   # what autocast alone does
+    out.float().square().sum().backward()
+    assert q.grad is not None and q.grad.dtype == torch.bfloat16 and q.grad.abs().max() > 0
 
 
 def test_tiny_vae_config_loads_in_diffusers_and_matches(tmp_path):
