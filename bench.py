@@ -19,6 +19,8 @@ import time
 
 import torch
 
+from launch import cpu_has_native_bf16
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -455,8 +457,7 @@ def main():
         print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}")
     else:
         native = torch.backends.cpu.get_cpu_capability()
-        flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-        print(f"CPU capability {native}; native bf16 matmul: {'yes (avx512_bf16/amx)' if ('avx512_bf16' in flags or 'amx_bf16' in flags) else 'NO - bf16 rows are emulated and slow, compare fp32 only'}")
+        print(f"CPU capability {native}; native bf16 matmul: {'yes (avx512_bf16/amx)' if cpu_has_native_bf16() else 'NO - bf16 rows are emulated and slow, compare fp32 only'}")
     for name in (args.only or ",".join(sections)).split(","):
         if name not in sections:
             raise SystemExit(f"--only={name}: not a {args.device} section; valid: {', '.join(sections)}")
