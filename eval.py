@@ -112,15 +112,18 @@ def evaluate(model, ds, args, key, tag, rank=0, world=1):
     """This rank's images (rank, rank + world, ...) -> (confusion matrix (C+1, C+1), binary counts
     (len(taus), C, 4): intersection, union, |P|, |G| pooled over images, at each threshold tau of
     `taus` (TAUS for --study=tau, else --tau alone), images/s). The partial result is saved every
-    --save_every images under a name that holds the key's digest."""
+    --save_every images under a name that holds the key's digest, with the seconds spent on it, so
+    that a resumed or reused result reports the speed it was computed at (not 0 images/s)."""
     C, taus = len(ds.class_names), study_taus(args)
     key_id = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     partial = os.path.join(args.out, f"partial_{tag}_{key_id}_rank{rank}of{world}.pt")
     cm, counts, done = np.zeros((C + 1, C + 1), np.int64), np.zeros((len(taus), C, 4), np.int64), []
+    seconds = 0.0                                         # spent on `done` by earlier runs
     if os.path.isfile(partial):
         state = torch.load(partial, weights_only=True)    # tensors, lists, strings and numbers only
         if state["key"] == key:
             cm, counts, done = state["cm"].numpy(), state["counts"].numpy(), state["done"]
+            seconds = state.get("seconds", float("nan"))   # partials of older versions did not say
             print(f"[rank {rank}] {tag}: resuming after {len(done)} images ({partial})", flush=True)
     todo = [i for i in range(rank, key["images"], world) if i not in set(done)]
     t0 = time.time()
@@ -140,7 +143,7 @@ def evaluate(model, ds, args, key, tag, rank=0, world=1):
         done.append(i)
         if (j + 1) % args.save_every == 0 or j + 1 == len(todo):
             torch_save_atomic({"cm": torch.from_numpy(cm), "counts": torch.from_numpy(counts), "done": done,
-                               "key": key}, partial)
+                               "key": key, "seconds": seconds + time.time() - t0}, partial)
         if rank == 0 and (sys.stdout.isatty() or (j + 1) % max(1, len(todo) // 10) == 0 or j + 1 == len(todo)):
             rate = (j + 1) / (time.time() - t0)      # a live line on a terminal, every 10 % in a log file
             print(f"\r[{tag}] {j + 1}/{len(todo)} images | {rate:.2f} img/s | "
@@ -148,7 +151,7 @@ def evaluate(model, ds, args, key, tag, rank=0, world=1):
                   flush=True)
     if rank == 0 and todo and sys.stdout.isatty():
         print()
-    return cm, counts, len(todo) / max(time.time() - t0, 1e-9)
+    return cm, counts, len(done) / max(seconds + time.time() - t0, 1e-9)
 
 
 def study_taus(args):

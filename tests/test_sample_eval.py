@@ -99,6 +99,7 @@ def test_eval_resumes_from_partial_results(checkpoint, tmp_path, capsys):
     first = evaluation.main(common + ["--limit=3"])["main"]  # same settings and images: everything is already done
     assert "resuming after 3 images" in capsys.readouterr().out
     assert first["miou_gt"] == full["miou_gt"]
+    assert first["images_per_s"] == pytest.approx(full["images_per_s"], rel=0.2)   # the speed it was computed at
 
 
 def test_vae_on_masks_study(tiny_paths):
