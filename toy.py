@@ -384,11 +384,10 @@ def study_prior(out, args):
     """The paper's premise at toy scale: DiGSeg fine-tuned from the text-to-image U-Net ("prior")
     vs from scratch, at equal steps, on 50 / 200 / 1000 / all labelled scenes, 3 seeds each; and
     App. A.2's --trainable=paper vs all on both. Writes <out>/prior/results.json and mIoU.png."""
-    dtype = args.dtype if args.dtype != "auto" else default_dtype()       # of the world's VAE, shared with command 1
-    sd2_dir, clip_dir = build_bases(out, args.vae_steps, args.clip_steps, dtype)
+    sd2_dir, clip_dir = build_bases(out, args.vae_steps, args.clip_steps, args.dtype)   # command 1's world
     bases = {"scratch": sd2_dir,
              "prior": build_prior(out, sd2_dir, clip_dir, {"vae_steps": args.vae_steps, "clip_steps": args.clip_steps,
-                                                           "prior_steps": args.prior_steps, "dtype": dtype})}
+                                                           "prior_steps": args.prior_steps, "dtype": args.dtype})}
     folder = os.path.join(out, "prior")
 
     def finetune(init, scenes_, seed, trainable="all"):
@@ -442,13 +441,14 @@ def main(argv=None):
                    help="of the VAE and fine-tuning stages; auto: bf16 where the CPU computes it natively, else fp32")
     p.add_argument("--debug", default="0", help="1: show the traceback of an error")
     args = p.parse_args(argv)
+    args.dtype = default_dtype() if args.dtype == "auto" else args.dtype
     t_start = time.time()
     if args.study == "prior":
         study_prior(args.out, args)
         log(f"study done in {(time.time() - t_start) / 60:.1f} min")
         return 0
     ckpt = build_world(args.out, args.vae_steps, args.clip_steps, args.train_steps, args.prior_steps * args.prior,
-                       args.seed, None if args.dtype == "auto" else args.dtype)
+                       args.seed, args.dtype)
     log("stage 4/4: segmenting and evaluating the validation split (E = 1, S = 1, trailing): python eval.py")
     run_script("eval.py", f"--checkpoint={ckpt}", "--dataset=toy", f"--limit={args.val_images}", "--proposals=0", "--ensemble=1",
                "--steps=1", "--spacing=trailing", f"--out={args.out}/eval", "--overlays=8")
