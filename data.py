@@ -720,7 +720,7 @@ def build(name, root, split, *, evaluation=False, classes=None, fraction=1.0, se
     """The training view of one split or, with evaluation=True, the evaluation view (which takes no
     train_options). name: a key of DATASETS or "toy" (the procedural toy world; root is not used).
     train_options, as TrainSet takes them: size=512, template="a photo of a {}.", p_absent=0.0,
-    scale=(0.8, 1.2) (the toy world: size=64, template, p_absent). `classes`: a class-list file of
+    scale=(0.8, 1.2) (the toy world: size = the crop, <= 64, template, p_absent). `classes`: a class-list file of
     your own in place of the shipped one."""
     if "+" in name:
         if evaluation or name.count("+") != str(root).count(","):
@@ -740,6 +740,7 @@ def build(name, root, split, *, evaluation=False, classes=None, fraction=1.0, se
 
 # ---- The toy world (toy.py trains on it) ------------------------------------------------------
 
+TOY_SIZE = 64                                  # the scenes' side in pixels
 TOY_CLASSES = ("circle", "square", "triangle", "star", "ring", "bar")
 TOY_HUES = (0.0, 0.6, 0.3, 0.15, 0.8, 0.45)  # each class paints in its own hue family (HSV hue in [0, 1))
 
@@ -851,11 +852,19 @@ class ToyScenes(torch.utils.data.Dataset):
 
 class ToyTrain(ToyScenes):
     """The toy world, training view: items as TrainSet's (one class per sample, `draw_class`,
-    seeded by (seed, epoch, index)), with a random horizontal flip as the only augmentation."""
+    seeded by (seed, epoch, index)). Augmentation: a random size x size crop of the 64 px scene
+    (size=64: the whole scene), then a random horizontal flip. The class is drawn among those
+    visible in the crop, as TrainSet draws it after its crop.
+
+    Crops are how the paper trains too (512 px crops of larger images, inference on whole ones);
+    for the toy they are a matter of time: the toy preset trains on 48 px crops, 0.56 of a scene's
+    pixels, and DiGSeg segments whole 64 px scenes as well as when trained on them (train.py)."""
 
     def __init__(self, split, size=64, n=None, template="a photo of a {}.", p_absent=0.0, fraction=1.0, seed=0):
-        super().__init__(split, size=size, n=n, fraction=fraction, seed=seed)
-        self.template, self.p_absent, self.epoch = template, p_absent, 0
+        super().__init__(split, size=TOY_SIZE, n=n, fraction=fraction, seed=seed)
+        if not 8 <= size <= TOY_SIZE or size % 8:
+            raise DataError(f"toy: training crop size={size}; expected a multiple of 8 in [8, {TOY_SIZE}]")
+        self.crop, self.template, self.p_absent, self.epoch = size, template, p_absent, 0
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -863,6 +872,9 @@ class ToyTrain(ToyScenes):
     def __getitem__(self, index):
         x, labels, _ = self.load(index)
         rng = np.random.default_rng([self.seed, self.epoch, index])
+        if self.crop < self.size:                                   # a random crop x crop window
+            top, left = rng.integers(0, self.size - self.crop + 1, 2)
+            x, labels = x[:, top:top + self.crop, left:left + self.crop], labels[top:top + self.crop, left:left + self.crop]
         c = draw_class(rng, self.present_classes(labels), len(TOY_CLASSES), self.p_absent)
         mask = torch.from_numpy(self.class_mask(labels, c).astype(np.float32))
         if rng.random() < 0.5:

@@ -1,5 +1,6 @@
 """The toy world's dataset (data.py): deterministic scenes whose labels match what is drawn."""
 import numpy as np
+import pytest
 import torch
 
 import data
@@ -28,6 +29,32 @@ def test_train_items_follow_the_prompt():
     ds.set_epoch(1)
     assert any(ds[i]["class_index"] != data.build("toy", "", "train", size=64)[i]["class_index"] for i in range(20)) \
         or any(not torch.equal(ds[i]["image"], data.build("toy", "", "train", size=64)[i]["image"]) for i in range(20))
+
+
+def test_train_crops_are_windows_of_the_scene_and_the_class_is_drawn_in_the_crop():
+    ds = data.build("toy", "", "train", size=48, p_absent=0.0, seed=0)
+    offsets = set()
+    for i in range(12):
+        it = ds[i]
+        img, lab = data.toy_scene(1000, i)                          # the train split's scene i, 64 px
+        whole = torch.from_numpy(img).permute(2, 0, 1).float() / 127.5 - 1
+        assert it["image"].shape == (3, 48, 48) and it["mask"].shape == (48, 48)
+        found = None
+        for top in range(17):
+            for left in range(17):
+                window = whole[:, top:top + 48, left:left + 48]
+                for flip in (False, True):
+                    if torch.equal(window.flip(-1) if flip else window, it["image"]):
+                        found = (top, left, flip)
+        assert found is not None, i                                   # a window of the scene, maybe flipped
+        top, left, flip = found
+        offsets.add((top, left))
+        y = torch.from_numpy(lab[top:top + 48, left:left + 48] == it["class_index"]).float()
+        assert torch.equal(y.flip(-1) if flip else y, it["mask"]) and it["mask"].sum() > 0    # present in the crop
+    assert len(offsets) > 6                                           # random offsets, not one window
+    for bad in (40 + 4, 72, 0):
+        with pytest.raises(data.DataError, match="crop"):
+            data.build("toy", "", "train", size=bad)
 
 
 def test_absent_classes_give_empty_masks():
