@@ -16,7 +16,7 @@ DIGSEG_TOY_QUICK=1 (the tests, and notebooks under test) builds a quick world wi
 
 Precision: on a CPU that computes bf16 in hardware (AVX512-BF16 or AMX, launch.cpu_has_native_bf16)
 DiGSeg's fine-tuning, the longest stage, trains under bf16 autocast over fp32 weights, as the
-paper's presets do on GPUs: on 2 cores a step takes ~20 % less time. Elsewhere, where torch
+paper's presets do on GPUs: on 2 cores the stage takes 10-20 % less time. Elsewhere, where torch
 emulates bf16 far slower than fp32, it trains in fp32. --dtype=fp32 or bf16 overrides the choice;
 it is part of stage 3's record. The pretraining stages train in fp32 on every CPU.
 """
