@@ -281,10 +281,10 @@ def build_world(out="out/toy", vae_steps=1500, clip_steps=600, train_steps=1600,
     dtype = dtype or default_dtype()
     sd2_dir, clip_dir = build_bases(out, vae_steps, clip_steps)
     run_dir = os.path.join(out, "digseg")
-    stage3 = {"vae_steps": vae_steps, "vae_batch": VAE_BATCH, "clip_steps": clip_steps, "prior_steps": prior_steps,
-              "train_steps": train_steps, "seed": seed, "dtype": dtype,
+    pretraining = pretraining_record(vae_steps, clip_steps, prior_steps)
+    stage3 = {**pretraining, "train_steps": train_steps, "seed": seed, "dtype": dtype,
               "train.py": file_digest(os.path.join(HERE, "train.py"))[:16]}   # its toy preset changes too
-    base = build_prior(out, sd2_dir, clip_dir, prior_record(vae_steps, clip_steps, prior_steps)) if prior_steps else sd2_dir
+    base = build_prior(out, sd2_dir, clip_dir, pretraining) if prior_steps else sd2_dir
     if not stage_is_built(run_dir, stage3):
         log(f"stage 3/4: fine-tuning DiGSeg from {'the text-to-image U-Net' if prior_steps else 'scratch'}: "
             f"python train.py --preset=toy --dtype={dtype}")
@@ -316,8 +316,9 @@ def build_bases(out, vae_steps, clip_steps):
     return sd2_dir, clip_dir
 
 
-def prior_record(vae_steps, clip_steps, prior_steps):
-    """Stage 2b's settings: its own steps and those of the VAE and CLIP it is built on."""
+def pretraining_record(vae_steps, clip_steps, prior_steps):
+    """The settings of stages 1, 2 and 2b: stage 2b's record, and part of stage 3's, so that a
+    stage is rebuilt when one it is built on changes."""
     return {"vae_steps": vae_steps, "vae_batch": VAE_BATCH, "clip_steps": clip_steps, "prior_steps": prior_steps}
 
 
@@ -388,7 +389,8 @@ def study_prior(out, args):
     App. A.2's --trainable=paper vs all on both. Writes <out>/prior/results.json and mIoU.png."""
     sd2_dir, clip_dir = build_bases(out, args.vae_steps, args.clip_steps)   # command 1's world
     bases = {"scratch": sd2_dir,
-             "prior": build_prior(out, sd2_dir, clip_dir, prior_record(args.vae_steps, args.clip_steps, args.prior_steps))}
+             "prior": build_prior(out, sd2_dir, clip_dir,
+                                  pretraining_record(args.vae_steps, args.clip_steps, args.prior_steps))}
     folder = os.path.join(out, "prior")
 
     def finetune(init, scenes_, seed, trainable="all"):
