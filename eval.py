@@ -4,6 +4,7 @@
     torchrun --nproc_per_node=8 eval.py ...                  # confusion matrices summed over ranks
     python eval.py ... --proposals=0                         # every class of the dataset, no CLIP proposals
     python eval.py ... --study=sweep                         # Table 6: E x S rows, mIoU and images/s
+    python eval.py ... --study=ensemble                      # Fig. 7: E = 1, 2, 4, 8 at --steps (PNG)
     python eval.py ... --study=steps                         # Fig. 8: steps 1..50, trailing vs leading (PNG)
     python eval.py ... --study=tau                           # Fig. 3: binary IoU vs tau per class (PNG)
     python eval.py --study=fractions --runs=out/f1,out/f0.5 ... # Fig. 6: mIoU vs --fraction of each run (PNG)
@@ -39,6 +40,7 @@ from model.weights import file_digest, load_sd2, torch_save_atomic, write_text_a
 from plot import line_plot, overlay, side_by_side
 
 TAUS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)     # --study=tau (Fig. 3)
+ENSEMBLES = (1, 2, 4, 8)                                  # --study=ensemble (Fig. 7)
 SWEEP = [(1, 1, "trailing"), (1, 2, "trailing"), (4, 2, "trailing"), (8, 2, "trailing"), (20, 50, "leading")]
 KEYED = ("protocol", "ensemble", "steps", "spacing", "eta", "seed", "tau", "tau_bg", "proposals", "proposal_clip",
          "tau_global", "tau_patch", "dtype")
@@ -131,12 +133,7 @@ def evaluate(model, ds, args, key, tag, rank=0, world=1):
         image, gt, path = ds[i]
         pred, probs, classes = predict(model, image.to(model.device), ds.class_names, args)
         cm += confusion_matrix(pred, gt, C, ds.ignore_index)
-        if probs is not None:
-            valid = (gt != ds.ignore_index).numpy()
-            for local, c in enumerate(classes):       # binary IoU/Dice per class at tau (Eq. 8's M_c > tau)
-                truth = ds.class_mask(gt.numpy(), c) & valid
-                for k, tau in enumerate(taus):
-                    counts[k, c] += binary_counts(binary_mask(probs[local], tau).numpy() & valid, truth)
+        add_binary_counts(counts, probs, classes, gt.numpy(), ds, taus)
         if j < args.overlays and rank == 0:
             both = side_by_side(*(overlay(tensor_to_pil(image), labels, ds.class_names) for labels in (pred, gt)))
             both.save(os.path.join(args.out, f"overlay_{tag}_{os.path.basename(path)}.png"))  # prediction | truth
@@ -152,6 +149,20 @@ def evaluate(model, ds, args, key, tag, rank=0, world=1):
     if rank == 0 and todo and sys.stdout.isatty():
         print()
     return cm, counts, len(done) / max(seconds + time.time() - t0, 1e-9)
+
+
+def add_binary_counts(counts, probs, classes, gt, ds, taus):
+    """Table 3's binary counts of one image, added to counts (len(taus), C, 4) at each tau: M_c > tau
+    against class c's pixels, for every class that is in the ground truth or was run. A class in the
+    ground truth that CLIP did not propose is an empty prediction, all of its pixels misses, as the
+    confusion matrix counts it. probs (len(classes), H, W) of the classes run, or None (none run)."""
+    valid = gt != ds.ignore_index
+    run = {c: local for local, c in enumerate(classes)}
+    for c in sorted(set(run) | set(ds.present_classes(gt))):
+        truth = ds.class_mask(gt, c) & valid
+        for k, tau in enumerate(taus):
+            pred = binary_mask(probs[run[c]], tau).numpy() & valid if c in run else np.zeros_like(truth)
+            counts[k, c] += binary_counts(pred, truth)
 
 
 def study_taus(args):
@@ -188,12 +199,14 @@ def report(cm, counts, names, out, tag, rate, key):
 # ---- Table 7: the SD VAE on ground-truth masks ----------------------------------------------
 
 @torch.no_grad()
-def vae_on_masks(vae, vae_scale, ds, n=1000, batch=8, device="cpu"):
-    """Encode and decode n binary class masks (2y - 1 on 3 channels), as DiGSeg's latent pathway does.
-    MAE between the decoded channel mean mapped to [0, 1] and the mask; label accuracy: the decoded
-    value's nearest palette entry (0 or 1) equals the mask. Masks of one size are batched."""
+def vae_on_masks(vae, vae_scale, ds, n=1000, batch=8, device="cpu", seed=0):
+    """Encode and decode n binary class masks (2y - 1 on 3 channels), as DiGSeg's latent pathway does:
+    n of the dataset's (image, class present) masks drawn at random (seeded), as App. B samples its
+    1,000. MAE between the decoded channel mean mapped to [0, 1] and the mask, its mean and its std
+    over the masks (Table 7's MAE +- std); label accuracy: the decoded value's nearest palette entry
+    (0 or 1) equals the mask. Masks of one size are batched."""
     dtype = next(vae.parameters()).dtype
-    maes, accs, stds, ranges, masks = [], [], [], [], _class_masks(ds, n)
+    maes, accs, stds, ranges, masks = [], [], [], [], _class_masks(ds, n, seed)
     while chunk := list(itertools.islice(masks, batch)):
         for shape in {tuple(m.shape) for m in chunk}:
             y = torch.stack([m for m in chunk if tuple(m.shape) == shape]).to(device)
@@ -205,7 +218,8 @@ def vae_on_masks(vae, vae_scale, ds, n=1000, batch=8, device="cpu"):
             stds.append(rgb.std(dim=1).flatten(1).mean(1).cpu())                  # the paper's channel spread
             ranges.append((rgb.amax(dim=1) - rgb.amin(dim=1)).flatten(1).mean(1).cpu())
     mae, acc = torch.cat(maes), torch.cat(accs)
-    return {"masks": len(mae), "mae": mae.mean().item(), "label_accuracy": acc.mean().item(),
+    return {"masks": len(mae), "mae": mae.mean().item(), "mae_std": mae.std().item() if len(mae) > 1 else 0.0,
+            "label_accuracy": acc.mean().item(), "seed": seed,
             "channel_std": torch.cat(stds).mean().item(), "channel_range": torch.cat(ranges).mean().item()}
 
 
@@ -236,16 +250,20 @@ def vae_on_label_maps(vae, vae_scale, ds, n=100, device="cpu"):
     return {"maps": min(n, len(ds)), "label_accuracy": right / max(total, 1), "miou": miou(cm)["miou_gt"]}
 
 
-def _class_masks(ds, n):
-    """The first n (image, class present) pairs of ds, in order, as float masks (H, W)."""
-    given = 0
-    for i in range(len(ds)):
-        _, gt, _ = ds[i]
-        for c in sorted(int(v) for v in gt.unique() if 0 <= v < len(ds.class_names)):
-            if given == n:
-                return
-            given += 1
-            yield (gt == c).float()
+def _class_masks(ds, n, seed=0):
+    """n (image, class present) pairs of ds drawn at random without replacement (all of them when
+    there are fewer), seeded, as float masks (H, W), in image order. Reads every label map once to
+    list the pairs, then the images drawn again."""
+    present = [ds.present_classes(ds[i][1].numpy()) for i in range(len(ds))]
+    pairs = [(i, c) for i, classes in enumerate(present) for c in classes]
+    drawn = sorted(np.random.default_rng(seed).choice(len(pairs), size=min(n, len(pairs)), replace=False).tolist())
+    by_image = {}
+    for j in drawn:
+        by_image.setdefault(pairs[j][0], []).append(pairs[j][1])
+    for i, classes in by_image.items():
+        gt = ds[i][1].numpy()
+        for c in classes:
+            yield torch.from_numpy(ds.class_mask(gt, c)).float()
 
 
 # ---- the command line ------------------------------------------------------------------------
@@ -264,12 +282,15 @@ def parse(argv):
     p.add_argument("--split", default="val")
     p.add_argument("--classes", default="", help="a class-list file of your own")
     p.add_argument("--out", default="", help="default: out/eval/<run>-<checkpoint digest>/<dataset>-<split>")
-    p.add_argument("--study", default="", choices=["", "sweep", "steps", "tau", "vae", "fractions"])
+    p.add_argument("--study", default="", choices=["", "sweep", "ensemble", "steps", "tau", "vae", "fractions"])
     p.add_argument("--protocol", default="auto", choices=["auto", "long", "short", "slide"],
                    help="auto: by dataset (PROTOCOLS); long: long side to the model's resolution; short: short "
                         "side to it; slide: full resolution in overlapping windows")
-    p.add_argument("--ensemble", type=positive_int, default=1, help="E, noise seeds averaged in latent space")
-    p.add_argument("--steps", type=positive_int, default=1, help="S, DDIM steps")
+    p.add_argument("--ensemble", type=positive_int, default=1,
+                   help="E, noise seeds averaged in latent space. Default 1, Table 6's fast 1 x 1 row; the paper "
+                        "ensembles E = 8 'unless otherwise stated' and reports its main tables at E x S = 8 x 2 "
+                        "(--ensemble=8 --steps=2)")
+    p.add_argument("--steps", type=positive_int, default=1, help="S, DDIM steps (the paper's main tables: 2)")
     p.add_argument("--spacing", default="trailing", choices=["trailing", "leading", "linspace"])
     p.add_argument("--max_steps", type=positive_int, default=50, help="--study=steps: 1..max_steps")
     p.add_argument("--runs", default="", help="--study=fractions: train.py out_dirs, comma-separated")
@@ -304,6 +325,8 @@ def study_rows(args):
     """[(tag, E, S, spacing)]: one row, Table 6's sweep, or Fig. 8's steps for both spacings."""
     if args.study == "sweep":
         return [(f"E{e}xS{s}-{sp}", e, s, sp) for e, s, sp in SWEEP]
+    if args.study == "ensemble":
+        return [(f"E{e}xS{args.steps}-{args.spacing}", e, args.steps, args.spacing) for e in ENSEMBLES]
     if args.study == "steps":
         steps = sorted({1, 2, 3, 4, 5, 10, 20, 50} & set(range(1, args.max_steps + 1)) | {args.max_steps})
         return [(f"S{s}-{sp}", args.ensemble, s, sp) for sp in ("trailing", "leading") for s in steps]
@@ -358,6 +381,10 @@ def main(argv=None):
                           f"{r['binary_precision'][c]:.4f}, recall {r['binary_recall'][c]:.4f}, F1 {r['binary_f1'][c]:.4f}")
     if procs.master:
         print(f"results in {args.out}/")
+        if args.study == "ensemble":
+            line_plot(os.path.join(args.out, "fig7_ensemble.png"),
+                      {f"S = {args.steps} {args.spacing}": (list(ENSEMBLES), [results[t]["miou_gt"] for t, *_ in rows])},
+                      xlabel="ensemble size E", ylabel="mIoU", title=f"Fig. 7: mIoU vs ensemble size ({args.dataset})")
         if args.study == "steps":
             curves = {sp: ([S for _, _, S, s in rows if s == sp], [results[t]["miou_gt"] for t, _, _, s in rows if s == sp])
                       for sp in ("trailing", "leading")}
@@ -403,9 +430,10 @@ def table7(args, ds):
     os.makedirs(out, exist_ok=True)
     device = start_processes(args.device).device
     sd = load_sd2(sd2, dtype=DTYPES[args.dtype], device=device)
-    r = vae_on_masks(sd.vae, sd.vae_scale, ds, args.vae_masks, device=device)
+    r = vae_on_masks(sd.vae, sd.vae_scale, ds, args.vae_masks, device=device, seed=args.seed)
     r["label_maps"] = vae_on_label_maps(sd.vae, sd.vae_scale, ds, min(args.vae_masks, 200), device=device)
-    print(f"Table 7 (VAE on {r['masks']} ground-truth masks of {args.dataset}): MAE {r['mae']:.4f}, "
+    print(f"Table 7 (VAE on {r['masks']} ground-truth masks of {args.dataset}, drawn at random with seed "
+          f"{args.seed}): MAE {r['mae']:.4f} +- {r['mae_std']:.4f}, "
           f"label accuracy {r['label_accuracy']:.4f}, decoded channel std {r['channel_std']:.4f}, "
           f"channel max-min {r['channel_range']:.4f}; {r['label_maps']['maps']} whole label maps through a "
           f"palette: pixel accuracy {r['label_maps']['label_accuracy']:.4f}, mIoU {r['label_maps']['miou']:.4f}")

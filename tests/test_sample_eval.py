@@ -227,3 +227,79 @@ def tiny_model_ckpt(tiny_model, tmp_path):
     if not folder.is_dir():
         tiny_model.save(folder)
     return folder
+
+
+def test_binary_scores_count_the_misses_of_classes_clip_did_not_propose(tmp_path, monkeypatch):
+    """Two images, each half road: CLIP proposes nothing on the first, the mask is perfect on the
+    second. 32 of the 64 road pixels are found: binary IoU 0.5 and recall 0.5, as the confusion
+    matrix says, not 1.0 from the proposed image alone."""
+    from types import SimpleNamespace
+    from metrics import miou, pooled_iou_dice, pooled_precision_recall_f1
+
+    gt = torch.full((8, 8), -1, dtype=torch.long)
+    gt[:, :4] = 0                                              # road on the left half: 32 pixels per image
+    perfect = (gt == 0).float()[None]                          # M_road of the second image
+
+    class TwoImages:
+        class_names, ignore_index = ["road"], 255
+
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return torch.zeros(3, 8, 8), gt, f"img{i}"
+
+        def class_mask(self, labels, c):
+            return labels == c
+
+        def present_classes(self, labels):
+            return sorted(int(v) for v in np.unique(labels) if 0 <= v < 1)
+
+    answers = iter([(torch.full_like(gt, -1), None, []), (gt.clone(), perfect, [0])])
+    monkeypatch.setattr(evaluation, "predict", lambda *a: next(answers))
+    args = SimpleNamespace(out=str(tmp_path), study="", tau=0.7, save_every=100, overlays=0)
+    cm, counts, _ = evaluation.evaluate(SimpleNamespace(device="cpu"), TwoImages(), args, {"images": 2}, "t")
+    assert miou(cm)["per_class"][0] == pytest.approx(0.5)
+    iou, dice = pooled_iou_dice(counts[0])
+    precision, recall, f1 = pooled_precision_recall_f1(counts[0])
+    assert (iou[0], precision[0], recall[0]) == (pytest.approx(0.5), 1.0, pytest.approx(0.5))
+    assert f1[0] == pytest.approx(2 / 3) and counts[0, 0, 3] == 64        # every road pixel counted
+
+    nothing = np.zeros((1, 1, 4), np.int64)                    # nothing proposed on any image: IoU 0, not NaN
+    evaluation.add_binary_counts(nothing, None, [], gt.numpy(), TwoImages(), (0.7,))
+    assert pooled_iou_dice(nothing[0])[0][0] == 0.0
+
+
+def test_table7_draws_its_masks_at_random_and_reports_the_std(tiny_paths):
+    """App. B samples 1,000 masks at random and reports MAE +- std: a seeded draw over all (image,
+    class present) pairs, not the first n, and the std of the per-mask MAE."""
+    import data
+    from model.weights import load_sd2
+    ds = data.build("toy", "", "val", evaluation=True, fraction=0.04)          # 20 scenes
+    pairs = [(i, c) for i in range(len(ds)) for c in ds.present_classes(ds[i][1].numpy())]
+    first = [torch.from_numpy(ds.class_mask(ds[i][1].numpy(), c)).float() for i, c in pairs[:6]]
+    drawn = {s: list(evaluation._class_masks(ds, 6, seed=s)) for s in (0, 1)}
+    assert len(drawn[0]) == 6 and all(m.shape == (64, 64) for m in drawn[0])
+    same = lambda a, b: len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not same(drawn[0], first) and not same(drawn[0], drawn[1])
+    assert same(drawn[0], list(evaluation._class_masks(ds, 6, seed=0)))       # seeded
+    assert len(list(evaluation._class_masks(ds, 10 ** 6))) == len(pairs)     # fewer pairs than asked: all of them
+    sd = load_sd2(tiny_paths[0])
+    r = evaluation.vae_on_masks(sd.vae, sd.vae_scale, ds, n=6, seed=1)
+    with torch.no_grad():
+        maes = [(evaluation.image_to_mask(sd.vae.decode(sd.vae.encode(evaluation.mask_to_image(m[None]))[0])) - m).abs().mean()
+                for m in drawn[1]]
+    assert r["mae"] == pytest.approx(float(torch.stack(maes).mean()), abs=1e-5)
+    assert r["mae_std"] == pytest.approx(float(torch.stack(maes).std()), abs=1e-5) and r["mae_std"] > 0
+
+
+def test_fig7_ensemble_study_and_the_papers_defaults_in_help(checkpoint, tmp_path, capsys):
+    r = evaluation.main([f"--checkpoint={checkpoint}", "--dataset=toy", "--limit=2", "--proposals=0", "--study=ensemble",
+                         f"--out={tmp_path / 'f7'}"])
+    assert list(r) == ["E1xS1-trailing", "E2xS1-trailing", "E4xS1-trailing", "E8xS1-trailing"]
+    assert (tmp_path / "f7" / "fig7_ensemble.png").is_file()
+    assert json.load(open(tmp_path / "f7" / "metrics_E8xS1-trailing.json"))["key"]["ensemble"] == 8
+    with pytest.raises(SystemExit):
+        evaluation.main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "the paper ensembles E = 8" in help_text and "8 x 2" in help_text
