@@ -14,12 +14,14 @@ load_state_dict; OpenAI and OpenCLIP names are converted in model/weights.py.
 """
 import gzip
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from tokenizers import Regex, Tokenizer as BPETokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from model.attention import attention
@@ -256,8 +258,6 @@ class CLIPTextModel(nn.Module):
 def preprocess(image, size=224):
     """A PIL image of any mode -> (3, size, size): bicubic resize of the shorter side, centre crop,
     RGB in [0, 1], then CLIP's mean/std (as openai/CLIP's _transform and HF's CLIPImageProcessor)."""
-    from PIL import Image
-
     image = image.convert("RGB")
     w, h = image.size
     s = size / min(w, h)
@@ -267,6 +267,30 @@ def preprocess(image, size=224):
     image = image.crop((left, top, left + size, top + size))
     x = torch.tensor(bytearray(image.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)
     return (x.float() / 255 - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+
+
+def views(image, size=224):
+    """The whole of a PIL image, as CLIP sees it for class proposals (App. A.3) -> (whole, tiles).
+
+    CLIP's own `preprocess` crops the centre square, so the outer parts of a wide image (the left
+    and right quarters of a 2:1 street scene) never reach the vision tower, and a class seen only
+    there could not be proposed. Our reading of App. A.3, which compares the image embedding and
+    the patch embeddings with the class prompts: the image embedding comes from `whole`, the image
+    padded to a square with CLIP's mean colour (zero after normalisation) and resized to size x
+    size (1, 3, S, S); the patch embeddings come from `tiles` (n, 3, S, S), squares of the short
+    side that together cover the image (overlapping where the long side is not a multiple of the
+    short one), each resized to size x size, so that every pixel reaches a patch at CLIP's usual
+    scale. A square image is its own single tile, and both views equal `preprocess` (n = 1)."""
+    image = image.convert("RGB")
+    w, h = image.size
+    side, long = min(w, h), max(w, h)
+    n = math.ceil(long / side)
+    starts = [round(i * (long - side) / (n - 1)) for i in range(n)] if n > 1 else [0]
+    boxes = [(s, 0, s + side, side) if w >= h else (0, s, side, s + side) for s in starts]
+    tiles = torch.stack([preprocess(image.crop(box), size) for box in boxes])
+    square = Image.new("RGB", (long, long), tuple(round(255 * m) for m in MEAN))
+    square.paste(image, ((long - w) // 2, (long - h) // 2))
+    return preprocess(square, size)[None], tiles
 
 
 # ---- the tokenizer -------------------------------------------------------------------------------

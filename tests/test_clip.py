@@ -267,3 +267,31 @@ def test_tiny_config_roundtrip_through_an_hf_folder(tmp_path):
         feats = ref.get_text_features(input_ids=ids)
         feats = getattr(feats, "pooler_output", feats)     # transformers 5 may wrap it in an output object
         assert (ours.text(ids)[1] - feats).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("size", [(512, 256), (256, 512), (400, 300), (300, 300)])
+def test_proposal_views_show_the_whole_image(size):
+    """App. A.3's views (model.clip.views): content only at the left (or top) edge of a wide (tall)
+    image reaches the tiles and the padded whole image, where preprocess's centre crop loses it; a
+    square image is one tile, equal to preprocess."""
+    import numpy as np
+    from model.clip import MEAN, STD, views
+    w, h = size
+    pixels = np.full((h, w, 3), 128, np.uint8)
+    pixels[:, : w // 10] = pixels[: h // 10, :] = (255, 0, 0)          # red along the left and top edges
+    img = Image.fromarray(pixels)
+    red = ((1 - MEAN[0]) / STD[0], (0 - MEAN[1]) / STD[1])
+    is_red = lambda x: (x[0] > red[0] - 0.2) & (x[1] < red[1] + 0.2)  # (3, S, S) -> (S, S)
+    whole, tiles = views(img, 224)
+    assert whole.shape == (1, 3, 224, 224) and tiles.shape[1:] == (3, 224, 224)
+    assert len(tiles) == -(-max(w, h) // min(w, h))
+    red_share = lambda x: is_red(x).float().mean().item()
+    assert red_share(tiles[0]) > 0.09 and red_share(whole[0]) > 0.04     # the edge is seen, in a tile and whole
+    left_only = np.full((h, w, 3), 128, np.uint8)
+    left_only[:, : w // 10] = (255, 0, 0)
+    if w > h:
+        assert red_share(preprocess(Image.fromarray(left_only), 224)) == 0.0   # the centre crop never sees it
+    if w == h:
+        assert torch.equal(tiles[0], preprocess(img, 224)) and torch.equal(whole[0], preprocess(img, 224))
+    if w != h:                                                # the padding: CLIP's mean colour, 0 once normalised
+        assert whole[0, :, -1, -1].abs().max() < 0.02
