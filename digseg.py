@@ -24,12 +24,15 @@ import torch.nn.functional as F
 from PIL import Image
 
 from data import pil_to_tensor, tensor_to_pil
-from model.diffusion import (add_noise, ddim_sample, ddim_timesteps, multires_noise, scaled_linear_alphas_cumprod,
-                             velocity)
+from model.clip import views as clip_views
+from model.diffusion import (add_noise, ddim_sample, ddim_timesteps, multires_noise,
+                             scaled_linear_alphas_cumprod, velocity)
 from model.weights import WeightsError, load_clip, load_sd2, read_state_dict, save_file_atomic, write_text_atomic
 
 NOISE_TYPES = ("gaussian", "multires", "multires_annealed")
 TRAINABLE_SETS = ("all", "paper")
+TEXT_SCALES = ("all", "paper")
+TEXT_EMBEDDINGS = ("tokens", "pooled")
 
 
 @dataclass
@@ -37,6 +40,7 @@ class DiGSegConfig:
     sd2: str                        # diffusers SD2 folder or single-file checkpoint
     clip: str = ""                  # CLIP folder/file for the conditioner and class proposals
     text: str = "clip"              # "clip": CLIP text tower + MLP (Sec. 3.5); "sd2": SD2's own encoder, no MLP
+    text_embedding: str = "tokens"  # what the MLP maps: CLIP's 77 token states, or its pooled embedding (TextHidden)
     trainable: str = "all"          # "all" or "paper" (App. A.2)
     noise: str = "multires_annealed"  # Table 4 rows: gaussian | multires | multires_annealed
     noise_strength: float = 0.9     # s in App. A.1
@@ -62,6 +66,7 @@ class DiGSeg(nn.Module):
         # SD2's schedule, created on the U-Net's device; a buffer, so .to(device) moves it too
         self.register_buffer("alphas_cumprod", scaled_linear_alphas_cumprod().to(unet.conv_in.weight.device),
                              persistent=False)
+        self.schedule_on_host = scaled_linear_alphas_cumprod()   # the sampler's per-step scalars: no device reads
         self._prompt_cache = {}     # prompt -> frozen text hidden state (77, D)
         self._vocab_cache = {}      # (template, vocabulary) -> CLIP's projected text embeddings (V, E)
         for p in list(self.vae.parameters()) + list(self.text_encoder.parameters()):
@@ -71,7 +76,7 @@ class DiGSeg(nn.Module):
         skipped = text_skipped(unet, cfg.text_scales)
         for name, block in text_blocks(unet):
             block.use_text = name not in skipped
-        names = set(trainable_parameter_names(self, cfg.trainable))
+        names = set(trainable_parameter_names(self, cfg.trainable, cfg.text_scales))
         for n, p in self.named_parameters():
             if n.startswith("unet.") or n.startswith("mlp."):
                 p.requires_grad_(n in names)
@@ -151,6 +156,9 @@ class DiGSeg(nn.Module):
             raise ValueError(f"unknown noise type {cfg.noise!r}; valid: {', '.join(NOISE_TYPES)}")
         if cfg.text not in ("clip", "sd2"):
             raise ValueError(f"unknown text conditioner {cfg.text!r}; valid: clip, sd2")
+        if cfg.text_embedding not in TEXT_EMBEDDINGS or (cfg.text == "sd2" and cfg.text_embedding != "tokens"):
+            raise ValueError(f"text_embedding={cfg.text_embedding!r}: expected one of {', '.join(TEXT_EMBEDDINGS)} "
+                             f"(text='sd2' feeds SD2's own token states: tokens only)")
         sd = load_sd2(cfg.sd2, dtype=dtype, device=device, text_encoder=(cfg.text == "sd2"))
         clip = load_clip(cfg.clip, dtype=dtype, device=device, vocab=cfg.clip_vocab or None) if cfg.clip else None
         if cfg.text == "sd2":
@@ -158,8 +166,9 @@ class DiGSeg(nn.Module):
         else:
             if clip is None:
                 raise ValueError("text='clip' needs a CLIP checkpoint (clip_path); or use text='sd2'")
-            text_encoder, tokenizer = TextHidden(clip), clip.tokenizer
-            width = clip.config.text_config.hidden_size
+            pooled = cfg.text_embedding == "pooled"
+            text_encoder, tokenizer = TextHidden(clip, pooled), clip.tokenizer
+            width = clip.config.projection_dim if pooled else clip.config.text_config.hidden_size
             mlp = TextMLP(width, sd.unet.config.cross_attention_dim).to(device=device, dtype=dtype)
         return cls(cfg, sd.unet, sd.vae, sd.vae_scale, text_encoder, tokenizer, mlp, clip)
 
@@ -237,15 +246,15 @@ class DiGSeg(nn.Module):
 
     def encode_image(self, x):
         """x (B, 3, H, W) in [-1, 1] -> z_x (B, 4, h, w): the mean of the VAE posterior, scaled."""
-        return self.vae.encode(x.to(self.vae_dtype))[0] * self.vae_scale
+        return self.vae.encode(x.to(self.vae_dtype))[0].float() * self.vae_scale
 
     def encode_mask(self, y):
         """y (B, H, W) in {0, 1} -> z_y (B, 4, h, w): the mask as an image, 2y - 1 on 3 channels."""
-        return self.vae.encode(mask_to_image(y).to(self.vae_dtype))[0] * self.vae_scale
+        return self.vae.encode(mask_to_image(y).to(self.vae_dtype))[0].float() * self.vae_scale
 
     def decode_mask(self, z):
         """z (B, 4, h, w) -> M (B, H, W) in [0, 1]: decode, mean over RGB, back from [-1, 1]."""
-        return image_to_mask(self.vae.decode(z / self.vae_scale))
+        return image_to_mask(self.vae.decode((z / self.vae_scale).to(self.vae_dtype)))
 
     @property
     def vae_dtype(self):
@@ -258,7 +267,8 @@ class DiGSeg(nn.Module):
     # ---- Sec. 3.5: the text conditioner ---------------------------------------------------
 
     def text_hidden(self, prompts):
-        """Frozen text tower: prompts -> (B, 77, D). The tower is frozen, so each prompt is encoded
+        """Frozen text tower: prompts -> (B, 77, D), or (B, 1, E) with text_embedding="pooled"
+        (TextHidden). The tower is frozen, so each prompt is encoded
         once and kept; alone, so that its features do not depend on the prompts it came with (a
         batched matmul rounds differently by batch size, which would break bit-identical resume).
         Warns when a prompt is cut at 77 tokens."""
@@ -269,7 +279,7 @@ class DiGSeg(nn.Module):
                 if n > ids.shape[1]:
                     warnings.warn(f"prompt {p[:60]!r} has {n} tokens; it is truncated to {ids.shape[1]}")
                 with torch.no_grad():
-                    self._prompt_cache[p] = self.text_encoder(ids)[0]     # (77, D)
+                    self._prompt_cache[p] = self.text_encoder(ids)[0]     # (77, D) or (1, E)
         return torch.stack([self._prompt_cache[p] for p in prompts])
 
     def context(self, prompts):
@@ -301,15 +311,15 @@ class DiGSeg(nn.Module):
             z_y = self.encode_mask(masks)                         # (B, 4, h, w)
         t = torch.cat([self.sample_timestep(g, t_max_share) for g in generators])          # t ~ U{0..T-1}
         eps = torch.cat([self.sample_noise(z_y.shape[1:], t[i], g) for i, g in enumerate(generators)])
-        t, eps = t.to(self.device), eps.to(self.device)
-        z_t = add_noise(z_y.float(), eps, t, self.alphas_cumprod)  # Eq. 5
-        pred = self.unet(torch.cat([z_x, z_t.to(z_x.dtype)], dim=1).to(self.unet_dtype), t, self.context(prompts))
+        t, eps = to_device(t, self.device), to_device(eps, self.device)
+        z_t = add_noise(z_y, eps, t, self.alphas_cumprod)            # Eq. 5, in fp32 whatever the VAE computes in
+        pred = self.unet(torch.cat([z_x, z_t], dim=1).to(self.unet_dtype), t, self.context(prompts))
         if self.cfg.target == "epsilon":
             target = eps
         elif self.cfg.target == "v_prediction":
-            target = velocity(z_y.float(), eps, t, self.alphas_cumprod)
+            target = velocity(z_y, eps, t, self.alphas_cumprod)
         else:
-            target = z_y.float()
+            target = z_y
         return F.mse_loss(pred.float(), target)                   # Eq. 6
 
     def forward(self, images, masks, prompts, generators, t_max_share=0.0):
@@ -356,19 +366,25 @@ class DiGSeg(nn.Module):
         noise = torch.stack([torch.randn(z_x.shape[1:], generator=g) for g in gens]).to(self.device)  # (E, 4, h, w)
         step_noise = torch.stack([torch.stack([torch.randn(z_x.shape[1:], generator=g) for g in gens])
                                   for _ in range(steps)]).to(self.device) if eta > 0 else None   # (S, E, 4, h, w)
-        jobs = [(k, e) for k in range(K) for e in range(E)]          # the K*E runs, denoised in chunks
-        z0 = torch.empty(K, E, *z_x.shape[1:], device=self.device, dtype=torch.float32)
-        for i in range(0, len(jobs), batch_size):
-            ks, es = zip(*jobs[i:i + batch_size])
-            z = self.denoise(z_x, noise[list(es)], ctx[list(ks)], steps, spacing, eta,
-                             step_noise[:, list(es)] if eta > 0 else None)
-            z0[list(ks), list(es)] = z.float()
+        z0 = self.denoise_pairs(z_x, ctx, noise, steps, spacing, eta, step_noise, batch_size)   # (K, E, 4, h, w)
         z0 = z0.mean(dim=1)                                          # (K, 4, h, w) Eq. 8: ensemble in latent space
-        probs = torch.cat([self.decode_mask(z0[i:i + batch_size].to(self.vae_dtype))
-                           for i in range(0, K, batch_size)])        # (K, H', W')
+        probs = torch.cat([self.decode_mask(z0[i:i + batch_size]) for i in range(0, K, batch_size)])   # (K, H', W')
         top, left, h, w = crop
         probs = probs[:, top:top + h, left:left + w]
         return F.interpolate(probs[None], size=(H, W), mode="bilinear", align_corners=False)[0].clamp(0, 1)
+
+    def denoise_pairs(self, z_x, ctx, z_T, steps, spacing, eta, noises, batch_size):
+        """Every (class k, member e) pair denoised, batch_size pairs per U-Net call: ctx (K, 77, C),
+        z_T (E, 4, h, w), noises (S, E, 4, h, w) or None -> z_0 (K, E, 4, h, w). The pairs are laid
+        out flat, class-major, and cut into contiguous chunks: no index tensor is built per chunk."""
+        K, E = len(ctx), len(z_T)
+        ctx = ctx.repeat_interleave(E, dim=0)                                  # (K*E, 77, C)
+        z_T = z_T.repeat(K, 1, 1, 1)                                           # (K*E, 4, h, w)
+        noises = noises.repeat(1, K, 1, 1, 1) if noises is not None else None  # (S, K*E, 4, h, w)
+        z0 = [self.denoise(z_x, z_T[i:i + batch_size], ctx[i:i + batch_size], steps, spacing, eta,
+                           noises[:, i:i + batch_size] if noises is not None else None)
+              for i in range(0, K * E, batch_size)]
+        return torch.cat(z0).view(K, E, *z_T.shape[1:])
 
     def denoise(self, z_x, z_T, ctx, steps, spacing, eta=0.0, noises=None):
         """S steps of DDIM (Eq. 7; deterministic with eta = 0, the paper's Sec. 4.1) from z_T
@@ -384,12 +400,11 @@ class DiGSeg(nn.Module):
         t, z_t, pred (the U-Net's output), x0 (x0_hat) and z_prev, all (N, 4, h, w) in float32."""
         cond = z_x.expand(len(z_T), -1, -1, -1)
 
-        def predict(z, t):   # U-Net input: cat([z_x, z_t]) on the channel axis, (N, 8, h, w)
-            return self.unet(torch.cat([cond, z.to(cond.dtype)], dim=1).to(self.unet_dtype), t.to(self.device),
-                             ctx).float()
+        def predict(z, t):   # U-Net input: cat([z_x, z_t]) on the channel axis, (N, 8, h, w); t an int
+            return self.unet(torch.cat([cond, z], dim=1).to(self.unet_dtype), t, ctx).float()
 
         T = len(self.alphas_cumprod)
-        yield from ddim_sample(predict, z_T.float(), ddim_timesteps(steps, T, spacing), self.alphas_cumprod,
+        yield from ddim_sample(predict, z_T.float(), ddim_timesteps(steps, T, spacing), self.schedule_on_host,
                                self.cfg.target, T, eta, noises)
 
     def prepare_image(self, image, long_side=None):
@@ -444,8 +459,12 @@ class DiGSeg(nn.Module):
         clip = self.proposer
         if clip is None or not hasattr(clip, "image"):
             raise ValueError("propose_classes needs a CLIP model with a vision tower (clip_path)")
-        pixels = clip.preprocess(image if isinstance(image, Image.Image) else tensor_to_pil(image))[None]
-        img, patches = clip.image(pixels.to(self.device, next(clip.parameters()).dtype))
+        whole, tiles = clip_views(image if isinstance(image, Image.Image) else tensor_to_pil(image),
+                                  clip.config.vision_config.image_size)      # the whole image, not a centre crop
+        dtype = next(clip.parameters()).dtype
+        img, patches = clip.image(whole.to(self.device, dtype))              # (1, E), (1, N, E)
+        if len(tiles) > 1:                                                   # not square: the tiles' patches
+            patches = clip.image(tiles.to(self.device, dtype))[1].flatten(0, 1)[None]   # (n, N, E) -> (1, n*N, E)
         text = self.vocabulary_embeddings(tuple(vocabulary), template)
         return select_candidates(img[0], patches[0], text, vocabulary, tau_global, tau_patch)
 
@@ -468,8 +487,8 @@ def select_candidates(image_embed, patch_embeds, text_embeds, vocabulary, tau_gl
     t = F.normalize(text_embeds.float(), dim=-1)
     g = F.normalize(image_embed.float(), dim=-1) @ t.T                         # (V,)
     p = (F.normalize(patch_embeds.float(), dim=-1) @ t.T).max(dim=0).values    # (V,)
-    keep = (g > tau_global) | (p > tau_patch)
-    scores = {c: {"global": g[i].item(), "patch": p[i].item()} for i, c in enumerate(vocabulary) if keep[i]}
+    g, p = torch.stack([g, p]).tolist()                                        # one copy to the host, not one per class
+    scores = {c: {"global": g[i], "patch": p[i]} for i, c in enumerate(vocabulary) if g[i] > tau_global or p[i] > tau_patch}
     order = sorted(scores, key=lambda c: -max(scores[c].values()))
     return order, {c: scores[c] for c in order}
 
@@ -497,7 +516,7 @@ def binary_mask(prob, tau=0.7):
 
 # ---- App. A.2: what is trained ---------------------------------------------------------------
 
-def trainable_parameter_names(model, trainable):
+def trainable_parameter_names(model, trainable, text_scales="all"):
     """`all`: the whole U-Net (with the widened conv_in) and the MLP.
 
     `paper` (App. A.2): conv_in, the MLP, the cross-attention of the U-Net levels at 1/4 and 1/8
@@ -507,8 +526,12 @@ def trainable_parameter_names(model, trainable):
     (down_blocks.3, up_blocks.0) has none, only the mid-block, which works at 1/8 too. So we train
     attn2 (+ its pre-norm, norm2) of every transformer at 1/4 (down_blocks.2, up_blocks.1) and the
     mid-block's whole transformer (mid_block.attentions.0), which covers the 1/8 level.
+
+    Either way, a cross-attention that text_scales skips (attn2 and its norm2) takes no part in the
+    output, so it does not train: a parameter without a gradient would stall DDP's all-reduce.
     """
-    names = [n for n, _ in model.named_parameters() if n.startswith("unet.") or n.startswith("mlp.")]
+    skipped = tuple(f"unet.{b}.{part}." for b in text_skipped(model.unet, text_scales) for part in ("attn2", "norm2"))
+    names = [n for n, _ in model.named_parameters() if n.startswith(("unet.", "mlp.")) and not n.startswith(skipped)]
     if trainable == "all":
         return names
     levels = len(model.unet.config.block_out_channels)
@@ -521,8 +544,6 @@ def trainable_parameter_names(model, trainable):
 
     return [n for n in names if chosen(n)]
 
-
-TEXT_SCALES = ("all", "paper")
 
 
 def text_blocks(unet):
@@ -565,6 +586,14 @@ def widen_conv_in(unet, in_channels=8):
     return unet
 
 
+def to_device(x, device):
+    """A host tensor on `device` without a host synchronisation: on CUDA it is pinned, then copied
+    asynchronously (a plain copy from pageable memory waits for the GPU)."""
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
 class TextMLP(nn.Module):
     """Sec. 3.5: the small trainable projection from CLIP's text width (768 for ViT-L/14) to the
     U-Net's cross-attention width (1024 for SD2), applied to every one of the 77 tokens."""
@@ -579,14 +608,20 @@ class TextMLP(nn.Module):
 
 
 class TextHidden(nn.Module):
-    """The CLIP text tower as the conditioner sees it: ids -> last hidden state after the final LN."""
+    """The CLIP text tower as the conditioner sees it. The paper is of two minds: Sec. 3.5 maps "the
+    text embedding" with an MLP into the cross-attention, App. A.3 speaks of "its precomputed text
+    embedding t_c", CLIP's pooled, projected embedding of the prompt. Ours (tokens, the default):
+    the last hidden state after the final LN, 77 token states, as SD2 feeds its own text encoder's
+    states to the same cross-attention. pooled=True: t_c alone, one context token.
+    ids (B, 77) -> (B, 77, D), or (B, 1, E) pooled."""
 
-    def __init__(self, clip):
+    def __init__(self, clip, pooled=False):
         super().__init__()
-        self.clip = clip
+        self.clip, self.pooled = clip, pooled
 
-    def forward(self, ids):  # (B, 77) -> (B, 77, D)
-        return self.clip.text(ids)[0]
+    def forward(self, ids):
+        hidden, embedding = self.clip.text(ids)
+        return embedding[:, None] if self.pooled else hidden
 
 
 def _base_path(path, ckpt_dir, error):

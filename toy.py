@@ -60,8 +60,9 @@ TEMPLATES = ("a photo of a {}.", "a {}.", "a picture of a {}.", "a {} shape.", "
 
 
 def default_dtype():
-    """The toy's precision: bf16 where this CPU computes it natively, fp32 elsewhere."""
-    return "bf16" if cpu_has_native_bf16() else "fp32"
+    """Stage 3's precision: bf16 where train.py will run on a GPU (it picks CUDA when there is one)
+    or on a CPU that computes bf16 natively; fp32 on other CPUs, which emulate bf16 slowly."""
+    return "bf16" if torch.cuda.is_available() or cpu_has_native_bf16() else "fp32"
 
 
 def log(msg):

@@ -37,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
 import data
-from digseg import NOISE_TYPES, TEXT_SCALES, TRAINABLE_SETS, DiGSeg, aggregate
+from digseg import NOISE_TYPES, TEXT_EMBEDDINGS, TEXT_SCALES, TRAINABLE_SETS, DiGSeg, aggregate
 from launch import (DTYPES, UsageError, apply_flags, run, settings_help, split_flags, start_processes, stop_processes,
                     wants_help)
 from metrics import confusion_matrix, miou
@@ -53,9 +53,11 @@ class Settings:
     clip: str = ""                   # CLIP folder / OpenAI .pt (text conditioner)
     clip_vocab: str = ""             # bpe_simple_vocab_16e6.txt.gz for OpenAI .pt files
     text: str = "clip"               # CLIP text tower + MLP (Sec. 3.5), or SD2's own text encoder
+    text_embedding: str = "tokens"   # the MLP maps CLIP's 77 token states (ours), or its pooled embedding t_c
     trainable: str = "all"           # the whole U-Net + MLP, or the App. A.2 set
     text_scales: str = "all"         # text into every cross-attention (ours), or at 1/4 and 1/8 only (App. A.2)
     noise: str = "multires_annealed"  # Table 4's noise types
+    noise_strength: float = 0.9      # s of the multi-resolution noise (App. A.1)
     target: str = "epsilon"          # what the U-Net predicts (the paper: epsilon)
     resolution: int = 512            # inference resolution (validation)
     # data (data.py)
@@ -100,7 +102,7 @@ class Settings:
     debug: bool = False              # show tracebacks of errors
 
 
-CHOICES = {"text": ("clip", "sd2"), "text_scales": TEXT_SCALES, "trainable": TRAINABLE_SETS, "noise": NOISE_TYPES,
+CHOICES = {"text": ("clip", "sd2"), "text_embedding": TEXT_EMBEDDINGS, "text_scales": TEXT_SCALES, "trainable": TRAINABLE_SETS, "noise": NOISE_TYPES,
            "target": PREDICTIONS, "dataset": ("toy", *data.DATASETS), "decay": ("constant", "cosine", "linear"),
            "dtype": tuple(DTYPES), "device": ("auto", "cpu", "cuda")}
 
@@ -377,8 +379,8 @@ def train(s):
     else:
         model = DiGSeg.from_weights(s.sd2, s.clip, text=s.text, trainable=s.trainable, device=device, noise=s.noise,
                                     target=s.target, resolution=s.resolution, prompt_template=s.prompt_template,
-                                    text_scales=s.text_scales,
-                                    clip_vocab=s.clip_vocab)
+                                    text_scales=s.text_scales, text_embedding=s.text_embedding,
+                                    noise_strength=s.noise_strength, clip_vocab=s.clip_vocab)
     model.train()                                 # the U-Net and MLP; the frozen parts stay in eval mode
     model.unet.gradient_checkpointing = s.grad_checkpointing
     model.tune_for_cuda(frozen_dtype=torch.bfloat16 if s.dtype == "bf16" else None, compile=s.compile)
@@ -439,11 +441,12 @@ def train(s):
         finite = torch.isfinite(total).float()
         if procs.ddp:
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)   # all ranks skip together
-        if finite.item() == 0:                               # the one host sync of a step
+        finite, value = torch.stack([finite, total]).tolist()   # the one host sync of a step
+        if finite == 0:
             optimizer.zero_grad(set_to_none=True)
             bad_in_a_row, bad_total = bad_in_a_row + 1, bad_total + 1
             first_bad = step if bad_in_a_row == 1 else first_bad
-            log(f"step {step}: non-finite loss ({total.item()}); step skipped ({bad_in_a_row} in a row, {bad_total} in all)")
+            log(f"step {step}: non-finite loss ({value}); step skipped ({bad_in_a_row} in a row, {bad_total} in all)")
             if bad_in_a_row >= s.max_bad_steps:
                 raise SystemExit(diverged_message(s, bad_in_a_row, first_bad))
             continue
@@ -455,7 +458,7 @@ def train(s):
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        losses.append((step, total.item()))
+        losses.append((step, value))
 
         if master and (step % s.log_every == 0 or step == s.max_steps):
             rate = seen / (time.time() - t0)          # over the steps since the last log line

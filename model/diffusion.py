@@ -39,7 +39,10 @@ def rescale_zero_terminal_snr(betas):
 
 
 def _gather(alphas_cumprod, t, like):
-    """alpha_bar_t for a scalar or per-sample t, shaped to broadcast against `like` (B, C, H, W)."""
+    """alpha_bar_t for a timestep t (an int, or a 0-d or (B,) tensor), shaped to broadcast against
+    `like` (B, C, H, W). An int indexes directly: nothing is read back from a device."""
+    if isinstance(t, int):
+        return alphas_cumprod[t].to(like.dtype)
     t = torch.as_tensor(t, device=alphas_cumprod.device)
     a = alphas_cumprod[t.long()].to(like.dtype)
     return a.reshape(-1, *([1] * (like.dim() - 1))) if a.dim() else a
@@ -123,16 +126,18 @@ def ddim_step(pred, z_t, t, t_prev, alphas_cumprod, prediction="epsilon", eta=0.
     and sigma_t = 0 there whatever eta is.
     """
     x0, eps = predicted_x0_and_eps(pred, z_t, t, alphas_cumprod, prediction)
-    t_prev = torch.as_tensor(t_prev)
-    one = torch.ones((), dtype=alphas_cumprod.dtype, device=alphas_cumprod.device)
-    a_prev = torch.where(t_prev.to(alphas_cumprod.device) >= 0, alphas_cumprod[t_prev.clamp(min=0).long()], one)
-    a_prev = a_prev.to(z_t.dtype).reshape(-1, *([1] * (z_t.dim() - 1))) if a_prev.dim() else a_prev.to(z_t.dtype)
+    if isinstance(t_prev, int):
+        a_prev = _gather(alphas_cumprod, t_prev, z_t) if t_prev >= 0 else torch.ones((), dtype=z_t.dtype)
+    else:
+        t_prev = torch.as_tensor(t_prev, device=alphas_cumprod.device)
+        one = torch.ones((), dtype=alphas_cumprod.dtype, device=alphas_cumprod.device)
+        a_prev = torch.where(t_prev >= 0, alphas_cumprod[t_prev.clamp(min=0).long()], one)
+        a_prev = a_prev.to(z_t.dtype).reshape(-1, *([1] * (z_t.dim() - 1))) if a_prev.dim() else a_prev.to(z_t.dtype)
     if eta == 0:
         return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps  # Eq. 7, sigma_t = 0
     if noise is None:
         raise ValueError("ddim_step with eta > 0 needs noise (z ~ N(0, I), shaped like z_t)")
-    a_t = alphas_cumprod[torch.as_tensor(t, device=alphas_cumprod.device).long()].to(z_t.dtype)
-    a_t = a_t.reshape(-1, *([1] * (z_t.dim() - 1))) if a_t.dim() else a_t
+    a_t = _gather(alphas_cumprod, t, z_t)
     sigma = eta * ((1 - a_prev) / (1 - a_t)).sqrt() * (1 - a_t / a_prev).sqrt()
     return a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).sqrt() * eps + sigma * noise.to(z_t)   # Eq. 7
 
@@ -142,7 +147,7 @@ def ddim_sample(predict, z_T, timesteps, alphas_cumprod, prediction="epsilon", T
     step per listed timestep (ddim_timesteps), each yielded as a dict so that a reader can look at
     every step:
 
-        t       the timestep of this step          z_t     the latent it starts from
+        t       the timestep of this step (an int)  z_t    the latent it starts from
         pred    predict(z_t, t), the network output in its own parameterisation
         x0      the clean latent that output implies (x0_hat)
         z_prev  the latent after the step; the last step's z_prev is the sample
@@ -152,10 +157,14 @@ def ddim_sample(predict, z_T, timesteps, alphas_cumprod, prediction="epsilon", T
     S, z = len(timesteps), z_T
     if eta > 0 and (noises is None or len(noises) < S):
         raise ValueError(f"ddim_sample with eta = {eta} needs one noise tensor per step ({S})")
-    for i, t in enumerate(timesteps):
+    # The schedule and the timesteps on the host, as Python numbers: each step's alpha_bar is then a
+    # host scalar, and the loop never waits for the GPU (a 0-d CUDA index, or a timestep copied to the
+    # device, would be a host synchronisation at every step).
+    ab = alphas_cumprod.detach().cpu()
+    for i, t in enumerate(torch.as_tensor(timesteps).tolist()):
         pred = predict(z, t)
-        x0, _ = predicted_x0_and_eps(pred, z, t, alphas_cumprod, prediction)
-        z_prev = ddim_step(pred, z, t, previous_timestep(t, S, T), alphas_cumprod, prediction, eta,
+        x0, _ = predicted_x0_and_eps(pred, z, t, ab, prediction)
+        z_prev = ddim_step(pred, z, t, previous_timestep(t, S, T), ab, prediction, eta,
                            noises[i] if eta > 0 else None)
         yield {"t": t, "z_t": z, "pred": pred, "x0": x0, "z_prev": z_prev}
         z = z_prev
@@ -163,15 +172,23 @@ def ddim_sample(predict, z_T, timesteps, alphas_cumprod, prediction="epsilon", T
 
 def multires_noise(shape, t, T=1000, strength=0.9, annealed=True, levels=None, generator=None,
                    device=None, dtype=torch.float32):
-    """App. A.1: annealed multi-resolution noise for the mask latent.
+    """App. A.1: annealed multi-resolution noise for the mask latent. What the loop computes:
 
-        eps = normalise( eps_0 + sum_{i=1..L} w_i(t) * up(eps_i) ),  eps_i ~ N(0, I) at H/r^i x W/r^i
+        eps = normalise( eps_0 + sum_{i=1..L} w_i(t) * up(eps_i) ),   eps_0, eps_i ~ N(0, I)
+        eps_i at (h_i, w_i), h_i = max(1, floor(h_{i-1} / r_i)), h_0 = H (w_i alike),  r_i ~ U[2, 4)
 
-    with a random downscale factor r ~ U[2, 4) per level (shared by the batch, as in the
-    multi-resolution noise literature, e.g. Marigold), bilinear upsampling back to (H, W), and
-    per-sample weights
-        annealed:  w_i(t) = (s * t / T)^i      not annealed:  w_i = s^i,   s = 0.9.
-    Finally each sample is renormalised to zero mean and unit variance.
+    so level i is at about H / (r_1 r_2 ... r_i): each level divides the previous one's size by a
+    fresh factor, drawn once per level and shared by the batch. up() is bilinear back to (H, W);
+    the levels stop at 1 x 1 (or after `levels`). Per-sample weights, s = 0.9:
+        annealed:  w_i(t) = (s * t / T)^i      not annealed:  w_i = s^i
+    normalise: each sample to zero mean and unit variance.
+
+    Marigold's `multi_res_noise_like` (prs-eth/Marigold, src/util/multi_res_noise.py, its default
+    "original" strategy), which App. A.1 builds on, differs in three ways: its loop starts at i = 0,
+    adding a second full-resolution Gaussian with weight 1; it divides the running size by r_i^i,
+    not r_i (sizes H / (r_1 r_2^2 ... r_i^i)), stopping when either side reaches 1; and it divides
+    by one std over the whole batch, without removing the mean. Its annealing is the same, strength
+    s * t / T.
 
     The appendix formula is garbled in our copy of the paper; this is our reading of its stated
     intent: low-frequency components are strong at large t (coarse structure is destroyed first)
@@ -194,7 +211,7 @@ def multires_noise(shape, t, T=1000, strength=0.9, annealed=True, levels=None, g
             break
         r = 2 + 2 * torch.rand((), generator=generator, device=device).item()
         h, w = max(1, int(h / r)), max(1, int(w / r))
-        low = torch.randn((B, C, h, w), generator=generator, device=device)  # eps_i at 1/r^i scale
+        low = torch.randn((B, C, h, w), generator=generator, device=device)  # eps_i at (h_i, w_i)
         eps = eps + s**i * F.interpolate(low, size=(H, W), mode="bilinear", align_corners=False)
     eps = eps - eps.mean(dim=(1, 2, 3), keepdim=True)
     eps = eps / eps.std(dim=(1, 2, 3), keepdim=True)

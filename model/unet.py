@@ -289,7 +289,10 @@ class UNet2DCondition(nn.Module):
         """sample (B, C, h, w) with h, w multiples of 2^(levels-1); timestep a number, a 0-d
         tensor or (B,); context (B, N, cross_attention_dim) -> (B, out_channels, h, w)."""
         run = self._checkpointed if self.gradient_checkpointing and self.training else self._direct
-        t = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(sample.shape[0])
+        if torch.is_tensor(timestep):
+            t = timestep.to(sample.device).reshape(-1).expand(sample.shape[0])
+        else:                   # a number: filled on the device, not copied there (no host sync)
+            t = torch.full((sample.shape[0],), float(timestep), device=sample.device)
         temb = self.time_embedding(timestep_embedding(t, self.config.block_out_channels[0]).to(sample.dtype))
         x = self.conv_in(sample)
         skips = [x]

@@ -149,3 +149,44 @@ def test_torchrun_nccl_two_gpus_equal_one(tiny_paths, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 2e-4
+
+
+@needs_cuda
+def test_segments_denoising_loop_makes_no_host_synchronisation(tiny_model):
+    """The DDIM loop and the batching of segment() never wait for the GPU (set_sync_debug_mode:
+    "error" turns any synchronising call into an exception): the schedule's scalars come from the
+    host, timesteps are Python ints, the (class, member) pairs are contiguous chunks."""
+    import copy
+    model = copy.deepcopy(tiny_model).to(DEVICE).eval()
+    image = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        z_x = model.encode_image(model.prepare_image(image)[0])
+        ctx = model.context(["a photo of a circle.", "a photo of a star."])
+        z_T = torch.randn(3, *z_x.shape[1:], generator=torch.Generator().manual_seed(1)).to(DEVICE)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            z0 = model.denoise_pairs(z_x, ctx, z_T, 4, "trailing", 0.0, None, batch_size=4)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert z0.shape == (2, 3, *z_x.shape[1:]) and torch.isfinite(z0).all()
+
+
+@needs_cuda
+def test_upcast_attention_stays_fp32_under_cuda_autocast(monkeypatch):
+    """SDPA is on autocast's lower-precision list: an upcast attention (SD2-768-v) must run with
+    autocast off on CUDA too, or fp16 training overflows where upcast exists to prevent it."""
+    import model.attention as attention_module
+    seen, real = [], attention_module.F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None):
+        seen.append(q.dtype)
+        out = real(q, k, v, attn_mask=attn_mask)
+        seen.append(out.dtype)
+        return out
+
+    q = torch.randn(2, 64, 128, device=DEVICE) * 30           # logits far beyond fp16's range if not upcast
+    monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention", spy)
+    with torch.autocast("cuda", dtype=torch.float16):
+        out = attention_module.attention(q, q, q, heads=2, upcast=True)
+    assert seen == [torch.float32, torch.float32] and torch.isfinite(out).all()

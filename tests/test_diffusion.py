@@ -187,3 +187,28 @@ def test_per_sample_t_in_one_batch():
     eps = multires_noise((2, 4, 32, 80), torch.tensor([0, 999]), generator=torch.Generator().manual_seed(9))
     c = lag1_correlation(eps)
     assert abs(c[0]) < 0.05 and c[1] > 0.3
+
+
+def test_multires_levels_divide_the_previous_size_by_a_fresh_factor(monkeypatch):
+    """The formula multires_noise's docstring writes: level i at floor(h_{i-1} / r_i), one r_i ~ U[2, 4)
+    per level, down to 1 x 1 (Marigold's loop divides by r_i^i instead and adds a level at i = 0)."""
+    import model.diffusion as diffusion
+    sizes, factors, real_randn, real_rand = [], [], torch.randn, torch.rand
+
+    def randn(shape, *a, **k):
+        sizes.append(tuple(shape)[-2:])
+        return real_randn(shape, *a, **k)
+
+    def rand(shape, *a, **k):
+        r = real_rand(shape, *a, **k)
+        factors.append(2 + 2 * r.item())
+        return r
+
+    monkeypatch.setattr(diffusion.torch, "randn", randn)
+    monkeypatch.setattr(diffusion.torch, "rand", rand)
+    multires_noise((2, 4, 96, 64), 999, generator=torch.Generator().manual_seed(3))
+    assert sizes[0] == (96, 64) and sizes[-1] == (1, 1) and len(sizes) == len(factors) + 1
+    h, w = 96, 64
+    for (hi, wi), r in zip(sizes[1:], factors):
+        h, w = max(1, int(h / r)), max(1, int(w / r))
+        assert (hi, wi) == (h, w)

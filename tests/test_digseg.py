@@ -286,3 +286,154 @@ def test_text_scales_is_checked_and_saved(tiny_paths, tmp_path):
         DiGSeg.from_weights(*tiny_paths, resolution=32, text_scales="some")
     DiGSeg.from_weights(*tiny_paths, resolution=32, text_scales="paper").save(tmp_path / "c")
     assert DiGSeg.from_checkpoint(tmp_path / "c").cfg.text_scales == "paper"
+
+
+def test_skipped_cross_attention_does_not_train_so_ddp_gets_every_gradient(tmp_path):
+    """--trainable=all --text_scales=paper on a U-Net with cross-attention at more levels than two:
+    the skipped attn2 / norm2 take no part in the loss, so they are frozen; every parameter left
+    trainable gets a gradient (what DistributedDataParallel needs at every step)."""
+    from conftest import make_tiny_world
+    from digseg import text_skipped
+    paths = make_tiny_world(str(tmp_path), levels=3)
+    m = DiGSeg.from_weights(*paths, trainable="all", text_scales="paper", resolution=32)
+    skipped = text_skipped(m.unet, "paper")
+    assert skipped and all(not p.requires_grad for b in skipped for part in ("attn2", "norm2")
+                           for p in m.unet.get_submodule(f"{b}.{part}").parameters())
+    m.loss(torch.rand(2, 3, 32, 32) * 2 - 1, torch.ones(2, 32, 32), ["a photo of a star."] * 2,
+           [torch.Generator().manual_seed(i) for i in range(2)]).backward()
+    missing = [n for n, p in m.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing[:5]
+    m.save(tmp_path / "ck")
+    assert torch.equal(DiGSeg.from_checkpoint(tmp_path / "ck").unet.conv_in.weight, m.unet.conv_in.weight)
+
+
+def test_latents_stay_fp32_when_the_frozen_vae_computes_in_bf16(tiny_paths):
+    """The frozen VAE may compute in bf16 (tune_for_cuda), but z_x, z_y and z_t stay fp32: the
+    U-Net (fp32 here) receives the exact fp32 z_t of Eq. 5, not a copy rounded to bf16."""
+    from model.diffusion import add_noise
+    m = DiGSeg.from_weights(*tiny_paths, resolution=32, noise="gaussian")
+    m.vae.to(torch.bfloat16)
+    x, y = torch.rand(2, 3, 32, 32) * 2 - 1, (torch.rand(2, 32, 32) > 0.5).float()
+    assert m.encode_image(x).dtype == torch.float32 and m.encode_mask(y).dtype == torch.float32
+    seen = []
+    m.unet.conv_in.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    with torch.no_grad():
+        m.loss(x, y, ["a photo of a star."] * 2, gens)
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    t = torch.cat([m.sample_timestep(g) for g in gens])
+    eps = torch.cat([m.sample_noise((4, 16, 16), t[i], g) for i, g in enumerate(gens)])
+    with torch.no_grad():
+        z_t = add_noise(m.encode_mask(y), eps, t, m.alphas_cumprod)
+    assert seen[0].dtype == torch.float32 and torch.equal(seen[0][:, 4:], z_t)
+
+
+def test_pooled_text_embedding_is_one_context_token(tiny_paths, tmp_path):
+    """text_embedding="pooled" (App. A.3's "precomputed text embedding t_c"): the MLP maps CLIP's
+    pooled, projected embedding to one context token; "tokens" (ours) maps the 77 token states."""
+    m = DiGSeg.from_weights(*tiny_paths, resolution=32, text_embedding="pooled")
+    ids = m.clip.tokenizer(["a photo of a star."])
+    ctx = m.context(["a photo of a star."])
+    assert ctx.shape == (1, 1, m.unet.config.cross_attention_dim)
+    assert torch.allclose(ctx, m.mlp(m.clip.text(ids)[1][:, None]), atol=1e-6)
+    assert m.segment(torch.rand(3, 32, 32) * 2 - 1, ["star"], ensemble=1).shape == (1, 32, 32)
+    m.save(tmp_path / "p")
+    assert DiGSeg.from_checkpoint(tmp_path / "p").cfg.text_embedding == "pooled"
+    assert DiGSeg.from_weights(*tiny_paths, resolution=32).context(["a star"]).shape[1] == 77
+    with pytest.raises(ValueError, match="text_embedding='words'"):
+        DiGSeg.from_weights(*tiny_paths, text_embedding="words")
+
+
+def test_the_denoising_loop_and_the_proposals_read_nothing_back_from_the_device(tiny_model):
+    """No host synchronisation in the loops: the DDIM loop and the batching of segment() make no
+    aten._local_scalar_dense call (what .item(), float(t) or a 0-d index tensor does), and the
+    proposals make one per image, not one per vocabulary word."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Reads(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                Reads.count += 1
+            return func(*args, **(kwargs or {}))
+
+    image = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    z_x = tiny_model.encode_image(tiny_model.prepare_image(image)[0])
+    ctx = tiny_model.context(["a photo of a circle.", "a photo of a star."])
+    z_T = torch.randn(3, *z_x.shape[1:], generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), Reads():
+        tiny_model.denoise_pairs(z_x, ctx, z_T, 4, "trailing", 0.0, None, batch_size=4)
+    assert Reads.count == 0
+    vocab = [f"class {i}" for i in range(20)]
+    tiny_model.vocabulary_embeddings(tuple(vocab), "A photo of a {}.")
+    with Reads():
+        tiny_model.propose_classes(Image.fromarray((np.random.default_rng(0).random((32, 48, 3)) * 255).astype(np.uint8)),
+                                   vocab, tau_global=-1.0)
+    assert Reads.count <= 2, Reads.count
+
+
+def test_proposals_see_content_at_the_edge_of_a_wide_image(tiny_model):
+    """App. A.3 on the whole image: a red object only in the left tenth of a 2:1 image is proposed
+    through its patches (with CLIP's centre crop the left quarter never reached the vision tower)."""
+    from types import SimpleNamespace
+
+    class ColourCLIP(torch.nn.Module):       # a stand-in CLIP whose patch embeddings say "red" or not
+        def __init__(self):
+            super().__init__()
+            self.dummy = torch.nn.Parameter(torch.zeros(()))
+            self.config = SimpleNamespace(vision_config=SimpleNamespace(image_size=32))
+
+        def image(self, pixels):               # (B, 3, 32, 32) normalised -> (B, 2), (B, 16, 2)
+            redness = pixels[:, 0] - (pixels[:, 1] + pixels[:, 2]) / 2
+            patches = torch.nn.functional.avg_pool2d(redness[:, None], 8).flatten(1)
+            embed = lambda r: torch.stack([r, torch.ones_like(r)], -1)
+            return embed(redness.mean((1, 2))), embed(patches)
+
+    pixels = np.full((64, 128, 3), 128, np.uint8)
+    pixels[24:40, :12] = (255, 0, 0)
+    image = Image.fromarray(pixels)
+    saved = tiny_model.proposal_clip, tiny_model.vocabulary_embeddings
+    tiny_model.proposal_clip = ColourCLIP()
+    tiny_model.vocabulary_embeddings = lambda vocab, template: torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
+    try:
+        classes, scores = tiny_model.propose_classes(image, ["red thing", "not red"], tau_global=1.1, tau_patch=0.5)
+    finally:
+        tiny_model.proposal_clip = saved[0]
+        del tiny_model.vocabulary_embeddings
+    assert classes == ["red thing"] and scores["red thing"]["patch"] > 0.5
+
+
+def test_upcast_attention_computes_in_fp32_under_autocast(monkeypatch):
+    """upcast=True (SD2-768-v) runs the attention product in fp32 with autocast off, on whatever
+    device autocast is on; without upcast, autocast decides (on the CPU: fp32 too, for speed)."""
+    import model.attention as attention_module
+    from model.attention import attention
+    seen = []
+    real = attention_module.F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None):
+        seen.append((q.dtype, torch.is_autocast_enabled(q.device.type)))
+        return real(q, k, v, attn_mask=attn_mask)
+
+    monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention", spy)
+    q = torch.randn(2, 5, 8, dtype=torch.float16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention(q, q, q, heads=2, upcast=True)
+    assert out.dtype == torch.float16 and seen[-1] == (torch.float32, False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        attention(q.float(), q.float(), q.float(), heads=2)
+    assert seen[-1] == (torch.float32, False)
+    # CUDA, faked (no GPU here): autocast on, fp16 inputs. An upcast layer turns autocast off for the
+    # product (a CPU-only build cannot run CUDA's autocast casts; tests/test_cuda.py checks them).
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        q = torch.empty(2, 5, 8, device="cuda", dtype=torch.float16)
+        torch.set_autocast_enabled("cuda", True)
+        try:
+            attention(q, q, q, heads=2, upcast=True)
+            assert seen[-1] == (torch.float32, False)
+            attention(q, q, q, heads=2)
+            assert seen[-1] == (torch.float16, True)                 # elsewhere autocast decides
+        finally:
+            torch.set_autocast_enabled("cuda", False)

@@ -187,6 +187,15 @@ def test_on_off_flags_mean_what_they_say():
     assert train.parse_args(["--compile=off"]).compile is False
 
 
+def test_toy_fine_tunes_in_bf16_where_train_py_will_run_on_a_gpu(monkeypatch):
+    """Stage 3 runs train.py, which takes the GPU when there is one: its precision follows the GPU
+    there, not the flags of the CPU that launches it."""
+    import toy
+    monkeypatch.setattr(toy, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(toy.torch.cuda, "is_available", lambda: True)
+    assert toy.default_dtype() == "bf16"
+
+
 def test_command_line_errors_are_one_line_and_help_works(tmp_path):
     r = run_script("train.py", "--max_steps=4o")
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "--max_steps=4o" in r.stderr, r.stderr
@@ -290,6 +299,7 @@ def test_toy_precision_follows_the_cpu_and_is_part_of_the_stage_records(tmp_path
     import toy
     from launch import cpu_has_native_bf16
     native = cpu_has_native_bf16()
+    monkeypatch.setattr(toy.torch.cuda, "is_available", lambda: False)
     assert toy.default_dtype() == ("bf16" if native else "fp32")
     monkeypatch.setattr(toy, "cpu_has_native_bf16", lambda: False)
     assert toy.default_dtype() == "fp32"

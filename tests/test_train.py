@@ -63,6 +63,44 @@ def test_torchrun_two_processes_equal_one_process(tiny_paths, tmp_path):
     assert (weights(one)["unet.conv_out.weight"] - base["conv_out.weight"]).abs().max() > 1e-4   # it did train
 
 
+def torchrun(flags, *launcher):
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *launcher, os.path.join(ROOT, "train.py"),
+                             *flags], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finished(*procs):
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, out[-2000:] + err[-4000:]
+    return outs
+
+
+def test_ddp_trains_with_the_paper_text_scales_on_a_deeper_unet(tmp_path):
+    """--trainable=all --text_scales=paper under torchrun x 2 on a U-Net with cross-attention at two
+    levels: the skipped cross-attention gets no gradient, which must not stall DDP's reduction
+    ("Expected to have finished reduction in the prior iteration" at step 2)."""
+    from conftest import make_tiny_world
+    paths = make_tiny_world(str(tmp_path / "w"), levels=3)
+    flags = args(paths, tmp_path / "run", batch_size=1, max_steps=3, text_scales="paper", trainable="all")
+    finished(torchrun(flags, "--nproc_per_node=2", "--master_port=29537"))
+    assert torch.load(tmp_path / "run" / "checkpoint" / "train_state.pt", weights_only=True)["step"] == 3
+
+
+def test_two_nodes_of_one_process_equal_one_node_of_two(tiny_paths, tmp_path):
+    """Several machines: torchrun --nnodes=2 with a c10d rendezvous, here two "nodes" on localhost,
+    one process each, trains what one node with two processes trains (same total batch, same data
+    order). Rank 0 saves: the nodes share out_dir, as checkpoints and --resume need."""
+    nodes = [torchrun(args(tiny_paths, tmp_path / "nodes", batch_size=1, **SAME),
+                      "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:29541",
+                      "--rdzv_id=digseg-test") for _ in range(2)]
+    one = torchrun(args(tiny_paths, tmp_path / "one", batch_size=1, **SAME),
+                   "--nproc_per_node=2", "--master_port=29543")
+    outs = finished(*nodes, one)
+    assert any("1 per process x 2 processes" in out for out, _ in outs[:2])
+    assert_close(weights(tmp_path / "nodes"), weights(tmp_path / "one"), **TOL)
+
+
 def test_accumulation_equals_a_bigger_batch(tiny_paths, tmp_path):
     train.train(train.parse_args(args(tiny_paths, tmp_path / "big", batch_size=2, **SAME)))
     train.train(train.parse_args(args(tiny_paths, tmp_path / "acc", batch_size=1, grad_accum=2, **SAME)))
