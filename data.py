@@ -3,8 +3,9 @@
 One table, `DATASETS`, says for each benchmark where its images and label maps lie and what the
 label values mean; two views read it:
 
-  TrainSet  item = dict(image (3, S, S) in [-1, 1], mask (S, S) float {0, 1}, prompt str, class_index int):
-            the binary mask of ONE class and its prompt, as Eq. 6 trains (Sec. 3.6)
+  TrainSet  item = dict(image (3, S, S) in [-1, 1], mask (S, S) float {0, 1}, valid (S, S) float {0, 1},
+            prompt str, class_index int): the binary mask of ONE class and its prompt, as Eq. 6 trains
+            (Sec. 3.6); valid = 0 where the pixel is not annotated
   EvalSet   item = (image (3, H, W) in [-1, 1], labels (H, W) int64, image path), at the original size
 
 Label maps, as EvalSet yields them, are int64 in class-index space:
@@ -605,7 +606,8 @@ class TrainSet(LabelledImages):
       2. the class: uniform among the classes present in the augmented crop; with probability
          p_absent (and always when none is present) uniform among the absent ones, with an empty mask;
       3. mask = that class's pixels (nested classes included). Ignored pixels are 0, like background:
-         the loss (Eq. 6) compares VAE latents of the whole mask, where a pixel-wise ignore cannot act.
+         the loss (Eq. 6) compares VAE latents of the whole mask, where a pixel-wise ignore cannot act;
+         `valid` marks them for a loss in pixel space (the e2e objective, digseg.mask_loss).
       4. prompt = template.format(first synonym of the class).
     """
 
@@ -626,7 +628,8 @@ class TrainSet(LabelledImages):
         x, labels = augment(image, labels, self.size, rng, self.scale, self.ignore_index)
         c = draw_class(rng, self.present_classes(labels), len(self.class_names), self.p_absent)
         mask = torch.from_numpy(self.class_mask(labels, c).astype(np.float32))
-        return dict(image=x, mask=mask, prompt=self.template.format(self.class_names[c]), class_index=c)
+        valid = torch.from_numpy((labels != self.ignore_index).astype(np.float32))
+        return dict(image=x, mask=mask, valid=valid, prompt=self.template.format(self.class_names[c]), class_index=c)
 
 
 def draw_class(rng, present, num_classes, p_absent):
@@ -709,9 +712,10 @@ class MergedTrainSet(torch.utils.data.Dataset):
 
 
 def collate(items):
-    """TrainSet items -> dict(image (B, 3, S, S), mask (B, S, S), prompt [B], class_index (B,))."""
+    """TrainSet items -> dict(image (B, 3, S, S), mask (B, S, S), valid (B, S, S), prompt [B], class_index (B,))."""
     return dict(image=torch.stack([it["image"] for it in items]),
                 mask=torch.stack([it["mask"] for it in items]),
+                valid=torch.stack([it["valid"] for it in items]),
                 prompt=[it["prompt"] for it in items],
                 class_index=torch.tensor([it["class_index"] for it in items]))
 
@@ -879,4 +883,5 @@ class ToyTrain(ToyScenes):
         mask = torch.from_numpy(self.class_mask(labels, c).astype(np.float32))
         if rng.random() < 0.5:
             x, mask = x.flip(-1), mask.flip(-1)
-        return dict(image=x, mask=mask, prompt=self.template.format(TOY_CLASSES[c]), class_index=c)
+        return dict(image=x, mask=mask, valid=torch.ones_like(mask), prompt=self.template.format(TOY_CLASSES[c]),
+                    class_index=c)

@@ -22,14 +22,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from torch.utils.checkpoint import checkpoint
 
 from data import pil_to_tensor, tensor_to_pil
 from model.clip import views as clip_views
-from model.diffusion import (add_noise, ddim_sample, ddim_timesteps, multires_noise,
+from model.diffusion import (add_noise, ddim_sample, ddim_timesteps, multires_noise, predicted_x0_and_eps,
                              scaled_linear_alphas_cumprod, velocity)
 from model.weights import WeightsError, load_clip, load_sd2, read_state_dict, save_file_atomic, write_text_atomic
 
 NOISE_TYPES = ("gaussian", "multires", "multires_annealed")
+OBJECTIVES = ("diffusion", "e2e")
+MASK_LOSSES = ("bce_dice", "mse")
 TRAINABLE_SETS = ("all", "paper")
 TEXT_SCALES = ("all", "paper")
 TEXT_EMBEDDINGS = ("tokens", "pooled")
@@ -45,6 +48,8 @@ class DiGSegConfig:
     noise: str = "multires_annealed"  # Table 4 rows: gaussian | multires | multires_annealed
     noise_strength: float = 0.9     # s in App. A.1
     target: str = "epsilon"         # what the U-Net predicts: epsilon (paper) | v_prediction | sample
+    objective: str = "diffusion"    # "diffusion": Eq. 6, the paper; "e2e": one step through the decoder (e2e_loss)
+    mask_loss: str = "bce_dice"     # the e2e objective's loss on M_c (mask_loss): bce_dice | mse
     resolution: int = 512           # inference: the long side is resized to this (paper: 512)
     prompt_template: str = "a photo of a {}."
     clip_vocab: str = ""            # bpe_simple_vocab_16e6.txt.gz, for OpenAI CLIP files without a vocab
@@ -63,6 +68,7 @@ class DiGSeg(nn.Module):
         self.mlp = mlp              # trainable text projection (B, 77, D) -> (B, 77, 1024), None for text="sd2"
         self.clip = clip            # frozen CLIP with a vision tower, for class proposals (App. A.3); may be None
         self.proposal_clip = None   # another CLIP for the proposals only (use_proposal_clip), else self.clip
+        self.decoder_checkpointing = False   # e2e: recompute the decoder's activations in the backward pass
         # SD2's schedule, created on the U-Net's device; a buffer, so .to(device) moves it too
         self.register_buffer("alphas_cumprod", scaled_linear_alphas_cumprod().to(unet.conv_in.weight.device),
                              persistent=False)
@@ -154,6 +160,9 @@ class DiGSeg(nn.Module):
             raise ValueError(f"unknown text_scales {cfg.text_scales!r}; valid: {', '.join(TEXT_SCALES)}")
         if cfg.noise not in NOISE_TYPES:
             raise ValueError(f"unknown noise type {cfg.noise!r}; valid: {', '.join(NOISE_TYPES)}")
+        if cfg.objective not in OBJECTIVES or cfg.mask_loss not in MASK_LOSSES:
+            raise ValueError(f"objective={cfg.objective!r}, mask_loss={cfg.mask_loss!r}: expected an objective of "
+                             f"{', '.join(OBJECTIVES)} and a mask loss of {', '.join(MASK_LOSSES)}")
         if cfg.text not in ("clip", "sd2"):
             raise ValueError(f"unknown text conditioner {cfg.text!r}; valid: clip, sd2")
         if cfg.text_embedding not in TEXT_EMBEDDINGS or (cfg.text == "sd2" and cfg.text_embedding != "tokens"):
@@ -295,14 +304,18 @@ class DiGSeg(nn.Module):
 
     # ---- Sec. 3.6: training (Eq. 5, Eq. 6) -----------------------------------------------
 
-    def loss(self, images, masks, prompts, generators, t_max_share=0.0):
+    def loss(self, images, masks, prompts, generators, t_max_share=0.0, valid=None):
         """images (B, 3, H, W) in [-1, 1], masks (B, H, W) in {0, 1}, prompts: B strings -> scalar.
+        The paper's objective (Eq. 6); with cfg.objective = "e2e", e2e_loss instead.
 
         generators: one torch.Generator per sample (train.py seeds them by (seed, epoch, index)), so
         that a sample's t and noise do not depend on the batch it is in.
         t_max_share: NOT the paper (which draws t ~ U{0..T-1}): this share of the samples is trained
         at t = T-1, the only timestep one-step trailing inference visits (Garcia et al. 2024 train
-        there only). 0 by default; the toy preset uses it, see train.py."""
+        there only). 0 by default; the toy preset uses it, see train.py.
+        valid (B, H, W): 1 where the mask is annotated; only the e2e loss, in pixel space, can use it."""
+        if self.cfg.objective == "e2e":
+            return self.e2e_loss(images, masks, prompts, valid)
         if len(generators) != len(images):
             raise ValueError(f"loss() needs one generator per sample: {len(generators)} for {len(images)} images")
         T = len(self.alphas_cumprod)
@@ -322,9 +335,27 @@ class DiGSeg(nn.Module):
             target = z_y
         return F.mse_loss(pred.float(), target)                   # Eq. 6
 
-    def forward(self, images, masks, prompts, generators, t_max_share=0.0):
+    def forward(self, images, masks, prompts, generators, t_max_share=0.0, valid=None):
         """The training loss, so that DistributedDataParallel (which wraps forward) can be used."""
-        return self.loss(images, masks, prompts, generators, t_max_share)
+        return self.loss(images, masks, prompts, generators, t_max_share, valid)
+
+    def e2e_loss(self, images, masks, prompts, valid=None):
+        """NOT the paper: end-to-end fine-tuning of the one-step model (Garcia et al. 2024, for depth
+        and normals; here for masks). Every sample at t = T-1 with the mask-latent input zeros; the
+        U-Net's output -> x0_hat -> the frozen decoder, *with* its autograd graph -> M_c, the channel
+        mean as at inference but not clamped -> mask_loss against the mask, ignored pixels left out.
+        The same computation as inference's one trailing DDIM step from z_T = 0 (segment)."""
+        T = len(self.alphas_cumprod)
+        with torch.no_grad():
+            z_x = self.encode_image(images)                                # (B, 4, h, w)
+        z_T = torch.zeros_like(z_x)
+        pred = self.unet(torch.cat([z_x, z_T], dim=1).to(self.unet_dtype), T - 1, self.context(prompts))
+        x0, _ = predicted_x0_and_eps(pred.float(), z_T, T - 1, self.schedule_on_host, self.cfg.target)
+        z = (x0 / self.vae_scale).to(self.vae_dtype)
+        rgb = checkpoint(self.vae.decode, z, use_reentrant=False) if self.decoder_checkpointing else self.vae.decode(z)
+        with torch.autocast(self.device.type, enabled=False):             # the loss in fp32
+            m = (rgb.float().mean(dim=1) + 1) / 2                          # (B, H, W), M_c before the clamp
+            return mask_loss(m, masks.float(), valid, self.cfg.mask_loss)
 
     def sample_timestep(self, generator, t_max_share=0.0):
         """One sample's t (1,) from its generator: uniform, or T-1 with probability t_max_share."""
@@ -362,8 +393,12 @@ class DiGSeg(nn.Module):
         z_x = self.encode_image(x)                                    # (1, 4, h, w)
         ctx = self.context([self.cfg.prompt_template.format(c) for c in class_names])   # (K, 77, C)
         K, E = len(class_names), ensemble
-        gens = [torch.Generator().manual_seed(seed + e) for e in range(E)]
-        noise = torch.stack([torch.randn(z_x.shape[1:], generator=g) for g in gens]).to(self.device)  # (E, 4, h, w)
+        if self.cfg.objective == "e2e":                              # one deterministic step from z_T = 0
+            E = e2e_inference(ensemble, steps, spacing, eta)
+            noise = torch.zeros(1, *z_x.shape[1:], device=self.device)
+        else:
+            gens = [torch.Generator().manual_seed(seed + e) for e in range(E)]
+            noise = torch.stack([torch.randn(z_x.shape[1:], generator=g) for g in gens]).to(self.device)  # (E, 4, h, w)
         step_noise = torch.stack([torch.stack([torch.randn(z_x.shape[1:], generator=g) for g in gens])
                                   for _ in range(steps)]).to(self.device) if eta > 0 else None   # (S, E, 4, h, w)
         z0 = self.denoise_pairs(z_x, ctx, noise, steps, spacing, eta, step_noise, batch_size)   # (K, E, 4, h, w)
@@ -477,6 +512,28 @@ class DiGSeg(nn.Module):
         return self._vocab_cache[key]
 
 
+E2E_LOGIT_SCALE = 6.0     # bce_dice reads M_c = 0.5 as an even chance and M_c = 1 (0) as sigmoid(+-6), near certain
+
+
+def mask_loss(m, y, valid=None, kind="bce_dice"):
+    """The e2e objective's loss between M (B, H, W), decoded and not clamped, and the mask y (B, H, W)
+    in {0, 1}, over the valid pixels (all when valid is None).
+      mse:      the pixel mean of (M - y)^2;
+      bce_dice: binary cross-entropy on the logit k (2M - 1), k = E2E_LOGIT_SCALE, so that M = 0.5,
+                inference's background threshold, is the decision boundary and no pixel, however far
+                outside [0, 1] it decodes, loses its gradient; plus the soft Dice loss of each sample
+                on sigmoid(logit), smoothed by 1, so that a small shape weighs as much as a large one."""
+    valid = torch.ones_like(y) if valid is None else valid.float()
+    n = valid.sum().clamp(min=1)
+    if kind == "mse":
+        return ((m - y) ** 2 * valid).sum() / n
+    logit = E2E_LOGIT_SCALE * (2 * m - 1)
+    bce = (F.binary_cross_entropy_with_logits(logit, y, reduction="none") * valid).sum() / n
+    p, y = torch.sigmoid(logit) * valid, y * valid
+    dice = 1 - (2 * (p * y).sum(dim=(1, 2)) + 1) / (p.sum(dim=(1, 2)) + y.sum(dim=(1, 2)) + 1)
+    return bce + dice.mean()
+
+
 def select_candidates(image_embed, patch_embeds, text_embeds, vocabulary, tau_global=0.25, tau_patch=0.3):
     """image_embed (E,), patch_embeds (N, E), text_embeds (V, E) -> (classes, scores).
 
@@ -491,6 +548,18 @@ def select_candidates(image_embed, patch_embeds, text_embeds, vocabulary, tau_gl
     scores = {c: {"global": g[i], "patch": p[i]} for i, c in enumerate(vocabulary) if g[i] > tau_global or p[i] > tau_patch}
     order = sorted(scores, key=lambda c: -max(scores[c].values()))
     return order, {c: scores[c] for c in order}
+
+
+def e2e_inference(ensemble, steps, spacing, eta):
+    """An e2e checkpoint (cfg.objective = "e2e") is one computation: one trailing step at t = T-1 from
+    z_T = 0, as it was trained. Other steps, spacings or eta would run a different computation than
+    the one trained, so they are refused; an ensemble of E identical members is run once. -> E = 1."""
+    if steps != 1 or spacing != "trailing" or eta != 0:
+        raise ValueError(f"this checkpoint was fine-tuned end to end (objective=e2e): it segments in one "
+                         f"deterministic step, steps=1 spacing=trailing eta=0; got steps={steps} spacing={spacing} eta={eta}")
+    if ensemble > 1:
+        warnings.warn(f"objective=e2e: the {ensemble} ensemble members would be identical (z_T = 0); one is run")
+    return 1
 
 
 def mask_to_image(y):

@@ -37,7 +37,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
 import data
-from digseg import NOISE_TYPES, TEXT_EMBEDDINGS, TEXT_SCALES, TRAINABLE_SETS, DiGSeg, aggregate
+from digseg import (MASK_LOSSES, NOISE_TYPES, OBJECTIVES, TEXT_EMBEDDINGS, TEXT_SCALES, TRAINABLE_SETS, DiGSeg,
+                    DiGSegConfig, aggregate)
 from launch import (DTYPES, UsageError, apply_flags, run, settings_help, split_flags, start_processes, stop_processes,
                     wants_help)
 from metrics import confusion_matrix, miou
@@ -59,6 +60,8 @@ class Settings:
     noise: str = "multires_annealed"  # Table 4's noise types
     noise_strength: float = 0.9      # s of the multi-resolution noise (App. A.1)
     target: str = "epsilon"          # what the U-Net predicts (the paper: epsilon)
+    objective: str = "diffusion"     # the paper's loss (Eq. 6), or e2e: one step through the decoder (NOT the paper)
+    mask_loss: str = "bce_dice"      # objective=e2e: the loss on the decoded mask, bce_dice | mse
     resolution: int = 512            # inference resolution (validation)
     # data (data.py)
     dataset: str = "toy"             # toy, a benchmark of data.DATASETS, or folder (your own)
@@ -81,6 +84,7 @@ class Settings:
     grad_clip: float = 1.0           # ours, 0 = off (the paper names no clipping)
     dtype: str = "bf16"              # autocast dtype, ours (the paper names none); GradScaler only for fp16
     grad_checkpointing: bool = False  # recompute U-Net activations in the backward pass: less memory
+    decoder_checkpointing: bool = False  # objective=e2e: recompute the VAE decoder's activations too
     compile: bool = False            # torch.compile the U-Net and VAE encoder (static shapes; step 1 compiles)
     # bookkeeping
     out_dir: str = "out/train"
@@ -97,13 +101,14 @@ class Settings:
     max_bad_steps: int = 20          # consecutive non-finite losses before stopping
     stop_after: int = 0              # stop this run after N steps (a time-boxed job); --resume goes on
     resume: str = ""                 # a run's out_dir (its newest checkpoint) or one checkpoint folder
+    init: str = ""                   # start from a trained checkpoint's weights and model settings (e.g. e2e on top)
     world_change: bool = False       # resume with another number of processes (changes the data order)
     dry_run: bool = False            # build from the weights, run one step at batch 1, report, exit
     debug: bool = False              # show tracebacks of errors
 
 
 CHOICES = {"text": ("clip", "sd2"), "text_embedding": TEXT_EMBEDDINGS, "text_scales": TEXT_SCALES, "trainable": TRAINABLE_SETS, "noise": NOISE_TYPES,
-           "target": PREDICTIONS, "dataset": ("toy", *data.DATASETS), "decay": ("constant", "cosine", "linear"),
+           "target": PREDICTIONS, "objective": OBJECTIVES, "mask_loss": MASK_LOSSES, "dataset": ("toy", *data.DATASETS), "decay": ("constant", "cosine", "linear"),
            "dtype": tuple(DTYPES), "device": ("auto", "cpu", "cuda")}
 
 PRESETS = {
@@ -376,13 +381,21 @@ def train(s):
         prepare_out_dir(s, (checkpoint_step(ckpt), ckpt) if ckpt else None)
     if ckpt:
         model, state = load_checkpoint(ckpt, s, device)
+    elif s.init:                                  # fine-tune a trained DiGSeg further, e.g. with objective=e2e
+        model = DiGSeg.from_checkpoint(s.init, device=device)
+        model.cfg.objective, model.cfg.mask_loss = s.objective, s.mask_loss
+        for f in fields(DiGSegConfig):            # its model settings, recorded in settings.json for --resume
+            setattr(s, f.name, getattr(model.cfg, f.name))
+        log(f"initialised from {s.init} ({model.cfg.trainable}, {model.cfg.target}); objective {s.objective}")
     else:
         model = DiGSeg.from_weights(s.sd2, s.clip, text=s.text, trainable=s.trainable, device=device, noise=s.noise,
                                     target=s.target, resolution=s.resolution, prompt_template=s.prompt_template,
                                     text_scales=s.text_scales, text_embedding=s.text_embedding,
-                                    noise_strength=s.noise_strength, clip_vocab=s.clip_vocab)
+                                    noise_strength=s.noise_strength, clip_vocab=s.clip_vocab, objective=s.objective,
+                                    mask_loss=s.mask_loss)
     model.train()                                 # the U-Net and MLP; the frozen parts stay in eval mode
     model.unet.gradient_checkpointing = s.grad_checkpointing
+    model.decoder_checkpointing = s.decoder_checkpointing
     model.tune_for_cuda(frozen_dtype=torch.bfloat16 if s.dtype == "bf16" else None, compile=s.compile)
     optimizer = make_optimizer(model, s)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -434,7 +447,7 @@ def train(s):
                 with autocast:
                     loss = ddp_model(batch["image"].to(device, non_blocking=True),
                                      batch["mask"].to(device, non_blocking=True), batch["prompt"], gens,
-                                     s.t_max_share)
+                                     s.t_max_share, batch["valid"].to(device, non_blocking=True))
                 scaler.scale(loss / s.grad_accum).backward()
             total += loss.detach().float() / s.grad_accum
             seen += len(indices) * procs.world

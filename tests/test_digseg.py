@@ -437,3 +437,69 @@ def test_upcast_attention_computes_in_fp32_under_autocast(monkeypatch):
             assert seen[-1] == (torch.float16, True)                 # elsewhere autocast decides
         finally:
             torch.set_autocast_enabled("cuda", False)
+
+
+# ---- beyond the paper: the e2e objective (Garcia et al. 2024) ---------------------------------------------
+
+def test_e2e_loss_is_one_step_through_the_decoder_with_gradients(tiny_paths):
+    """objective=e2e: t = T-1, the mask-latent input zeros, the U-Net's output -> x0_hat -> the frozen
+    decoder with its graph -> M_c (channel mean, not clamped) -> mask_loss; the U-Net gets gradients
+    through the decoder, the VAE none; decoder checkpointing gives the same gradients."""
+    from digseg import mask_loss
+    from model.diffusion import predicted_x0_and_eps
+    torch.manual_seed(0)
+    m = DiGSeg.from_weights(*tiny_paths, resolution=32, objective="e2e", target="v_prediction")
+    x, y = torch.rand(2, 3, 32, 32) * 2 - 1, (torch.rand(2, 32, 32) > 0.5).float()
+    prompts = ["a photo of a star.", "a photo of a ring."]
+    loss = m.loss(x, y, prompts, [None, None])
+    with torch.no_grad():
+        z_x = m.encode_image(x)
+        pred = m.unet(torch.cat([z_x, torch.zeros_like(z_x)], 1), torch.full((2,), 999), m.context(prompts))
+        x0 = predicted_x0_and_eps(pred, torch.zeros_like(z_x), 999, m.alphas_cumprod, "v_prediction")[0]
+        by_hand = mask_loss((m.vae.decode(x0 / m.vae_scale).mean(1) + 1) / 2, y)
+    assert abs(loss.item() - by_hand.item()) < 1e-5
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+    assert all(p.grad is None for p in m.vae.parameters()) and grads["unet.conv_in.weight"].abs().sum() > 0
+    m.zero_grad(set_to_none=True)
+    m.decoder_checkpointing = True
+    m.loss(x, y, prompts, [None, None]).backward()
+    assert all(torch.allclose(p.grad, grads[n], atol=1e-6) for n, p in m.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("kind", ["bce_dice", "mse"])
+def test_mask_loss_leaves_ignored_pixels_out_and_prefers_the_right_mask(kind):
+    from digseg import mask_loss
+    y = torch.zeros(1, 8, 8)
+    y[:, 2:6, 2:6] = 1
+    valid = torch.ones_like(y)
+    valid[:, :, :2] = 0
+    noisy = y.clone()
+    noisy[:, :, :2] = torch.rand(1, 8, 2) * 3 - 1               # anything at all where nothing is annotated
+    assert mask_loss(noisy, y, valid, kind) == pytest.approx(mask_loss(y, y, valid, kind).item(), abs=1e-6)
+    assert mask_loss(y, y, None, kind) < mask_loss(1 - y, y, None, kind)
+    overshoot, timid = y * 1.5 - 0.25, y * 0.6 + 0.2            # beyond [0, 1] on the right side; close to 0.5
+    if kind == "bce_dice":                                     # a logit: the further on the right side, the better
+        assert mask_loss(overshoot, y, None, kind) < mask_loss(y, y, None, kind) < mask_loss(timid, y, None, kind)
+    else:                                                      # a regression to y exactly
+        assert mask_loss(y, y, None, kind) == 0 < mask_loss(overshoot, y, None, kind)
+
+
+def test_an_e2e_checkpoint_segments_in_its_one_step(tiny_paths, tmp_path):
+    """segment() follows the checkpoint: one trailing step from z_T = 0, what e2e_loss trains; S > 1,
+    another spacing or eta > 0 is refused in one line; E > 1 members would be identical: one runs."""
+    m = DiGSeg.from_weights(*tiny_paths, resolution=32, objective="e2e")
+    m.save(tmp_path / "e2e")
+    m = DiGSeg.from_checkpoint(tmp_path / "e2e").eval()
+    assert m.cfg.objective == "e2e"
+    image = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    probs = m.segment(image, ["star"], ensemble=1)
+    with torch.no_grad():
+        z_x = m.encode_image(m.prepare_image(image)[0])
+        z0 = m.denoise(z_x, torch.zeros_like(z_x), m.context(["a photo of a star."]), 1, "trailing")
+        assert torch.allclose(probs, m.decode_mask(z0).clamp(0, 1), atol=1e-6)
+    with pytest.warns(UserWarning, match="identical"):
+        assert torch.equal(m.segment(image, ["star"], ensemble=4), probs)
+    for bad in (dict(steps=2), dict(spacing="leading"), dict(eta=1.0)):
+        with pytest.raises(ValueError, match="fine-tuned end to end"):
+            m.segment(image, ["star"], **bad)

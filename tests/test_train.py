@@ -156,3 +156,22 @@ def test_dry_run_reports_counts_and_memory(tiny_paths, tmp_path, capsys):
     train.train(train.parse_args(args(tiny_paths, tmp_path / "dry", dry_run=1)))
     out = capsys.readouterr().out
     assert "dry run: loss" in out and "peak process memory" in out and "trainable" in out
+
+
+def test_e2e_objective_trains_resumes_and_fine_tunes_on_top_of_a_diffusion_run(tiny_paths, tmp_path):
+    """train.py --objective=e2e: a run that resumes bit-identically; --init starts from a trained
+    checkpoint's weights (Garcia et al.'s "E2E FT on top"), with its model settings and a fresh optimizer."""
+    train.train(train.parse_args(args(tiny_paths, tmp_path / "full", objective="e2e", max_steps=4)))
+    train.train(train.parse_args(args(tiny_paths, tmp_path / "cut", objective="e2e", max_steps=4, stop_after=2)))
+    train.train(train.parse_args([f"--resume={tmp_path / 'cut'}"]))
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "cut")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    import json
+    assert json.load(open(tmp_path / "full" / "checkpoint" / "digseg.json"))["objective"] == "e2e"
+    train.train(train.parse_args(args(tiny_paths, tmp_path / "diff", max_steps=2, target="v_prediction")))
+    init = args(tiny_paths, tmp_path / "ontop", objective="e2e", max_steps=1, lr=1e-12, init=tmp_path / "diff" / "checkpoint")
+    train.train(train.parse_args(init))
+    before, after = weights(tmp_path / "diff"), weights(tmp_path / "ontop")
+    assert max((before[k] - after[k]).abs().max().item() for k in before) < 1e-6      # it started there
+    saved = json.load(open(tmp_path / "ontop" / "checkpoint" / "settings.json"))
+    assert (saved["objective"], saved["target"]) == ("e2e", "v_prediction")
