@@ -2,24 +2,25 @@
 same threads, same configs, random weights.
 
     python bench.py                  # every CPU section
-    python bench.py --only sd2       # comma-separated sections
+    python bench.py --only=sd2       # comma-separated sections
     python bench.py --device=cuda    # the GPU sections: U-Net vs diffusers at batch 2 and 16 (autocast
                                      # over fp32 weights, and bf16 weights), segment() throughput,
                                      # training steps by batch size with and without checkpointing
     python bench.py --device=cuda --only=choices,profile   # what each speed choice buys (layouts,
                                      # cudnn.benchmark, compiled VAE); where a step's GPU time goes
 """
-import argparse
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
 import torch
 
-from launch import cpu_has_native_bf16
+from launch import cpu_has_native_bf16, parse_settings, run
+from model.cuda import tune_for_cuda
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -252,7 +253,7 @@ def sd2_digseg(device, trainable="all"):
 def bench_cuda_unet():
     """U-Net forward (64x64 latent, 77 tokens) vs diffusers at batch 2 and 16: under bf16 autocast
     over fp32 weights (the training path) and with bf16 weights (inference), each also in
-    channels_last (ours via DiGSeg.tune_for_cuda's layout)."""
+    channels_last."""
     from diffusers import UNet2DConditionModel
     from diffusers.utils import logging as diffusers_logging
 
@@ -313,7 +314,7 @@ def bench_cuda_train():
     without gradient checkpointing, and at batch 16 with --compile=1 (U-Net and VAE encoder
     compiled): images/s and peak memory."""
     model = sd2_digseg("cuda").train()
-    model.tune_for_cuda(frozen_dtype=torch.bfloat16)
+    tune_for_cuda(model, frozen_dtype=torch.bfloat16)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
     print(f"\ntraining step, SD2-base config, 512^2, bf16 autocast, {torch.cuda.get_device_name()} (median of 3 steps)")
@@ -321,7 +322,7 @@ def bench_cuda_train():
     for checkpointing, batch, compiled in cases:
         model.unet.gradient_checkpointing = checkpointing
         if compiled:
-            model.tune_for_cuda(compile=True)
+            tune_for_cuda(model, compile=True)
         image = torch.rand(batch, 3, 512, 512, device="cuda") * 2 - 1
         mask = (torch.rand(batch, 512, 512, device="cuda") > 0.5).float()
 
@@ -410,7 +411,7 @@ def bench_cuda_profile():
     segment(): the top kernels by GPU time, from torch.profiler."""
     from torch.profiler import ProfilerActivity, profile
     model = sd2_digseg("cuda").train()
-    model.tune_for_cuda(frozen_dtype=torch.bfloat16)
+    tune_for_cuda(model, frozen_dtype=torch.bfloat16)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
     image = torch.rand(16, 3, 512, 512, device="cuda") * 2 - 1
     mask = (torch.rand(16, 512, 512, device="cuda") > 0.5).float()
@@ -440,16 +441,21 @@ def bench_cuda_profile():
 SECTIONS = {"sd2": bench_sd2, "clip": bench_clip, "digseg": bench_digseg, "train": bench_train}
 CUDA_SECTIONS = {"unet": bench_cuda_unet, "segment": bench_cuda_segment, "train": bench_cuda_train,
                  "choices": bench_cuda_choices, "profile": bench_cuda_profile}
+SECTIONS_HELP = f"\nSections: CPU {', '.join(SECTIONS)}; CUDA {', '.join(CUDA_SECTIONS)}."
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--only", default="", help=f"comma-separated, of: CPU {', '.join(SECTIONS)}; "
-                                                   f"CUDA {', '.join(CUDA_SECTIONS)}")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+@dataclass
+class Settings:
+    device: str = "cpu"              # cpu: the CPU sections; cuda: the GPU sections
+    only: str = ""                   # comma-separated sections (default: all of the device's)
+    threads: int = 0                 # torch threads (0: torch's default)
+
+
+def main(argv=None):
+    args = parse_settings(Settings, sys.argv[1:] if argv is None else argv, __doc__ + SECTIONS_HELP,
+                          {"device": ("cpu", "cuda")})
+    if args.threads:
+        torch.set_num_threads(args.threads)
     sections = CUDA_SECTIONS if args.device == "cuda" else SECTIONS
     if args.device == "cuda":
         if not torch.cuda.is_available():
@@ -465,4 +471,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -8,7 +8,7 @@
     python eval.py ... --study=steps                         # Fig. 8: steps 1..50, trailing vs leading (PNG)
     python eval.py ... --study=tau                           # Fig. 3: binary IoU vs tau per class (PNG)
     python eval.py --study=fractions --runs=out/f1,out/f0.5 ... # Fig. 6: mIoU vs --fraction of each run (PNG)
-    python eval.py --sd2=PATH --dataset=... --study=vae      # Table 7: the SD VAE on ground-truth masks
+    python eval.py --sd2=PATH --dataset=... --study=vae      # Table 7: the SD VAE (--sd2) on ground-truth masks
 
 Results go to --out, by default out/eval/<run>-<checkpoint digest>/<dataset>-<split>/: one folder
 per checkpoint *contents* and dataset. Interrupted runs resume: each rank saves its partial
@@ -18,13 +18,13 @@ images evaluated and every inference setting); a run whose key differs starts fr
 
 The metrics (both mIoU conventions, binary IoU/Dice) are in metrics.py.
 """
-import argparse
 import hashlib
 import itertools
 import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -33,7 +33,9 @@ import torch.nn.functional as F
 import data
 from data import tensor_to_pil
 from digseg import DiGSeg, aggregate, binary_mask, image_to_mask, mask_to_image
-from launch import DTYPES, UsageError, all_reduce_sum, positive_int, run, start_processes, stop_processes
+from launch import (DTYPES, INFERENCE_CHOICES, INFERENCE_RANGES, POSITIVE, Inference, UsageError, all_reduce_sum,
+                    parse_settings, run, start_processes, stop_processes)
+from model.checkpoint import digest as checkpoint_digest
 from metrics import (binary_counts, confusion_matrix, miou, pooled_iou_dice, pooled_precision_recall_f1,
                      write_per_class_csv)
 from model.weights import file_digest, load_sd2, torch_save_atomic, write_text_atomic
@@ -268,51 +270,33 @@ def _class_masks(ds, n, seed=0):
 
 # ---- the command line ------------------------------------------------------------------------
 
+@dataclass
+class Settings(Inference):
+    # segment() and the proposals: launch.Inference (checkpoint, ensemble, steps, tau_bg, ...)
+    dataset: str = "toy"             # toy, a benchmark of data.DATASETS, or folder (your own)
+    data_root: str = "data"          # the dataset's folder
+    split: str = "val"               # the split to score
+    classes: str = ""                # a class-list file of your own (classes/*.txt's format)
+    out: str = ""                    # default: out/eval/<run>-<checkpoint digest>/<dataset>-<split>
+    study: str = ""                  # one of the studies in this file's docstring (empty: one evaluation)
+    protocol: str = "auto"           # how an image meets the model's resolution: by dataset, or long | short | slide (PROTOCOLS)
+    proposals: bool = True           # CLIP proposes each image's classes (App. A.3, as the paper runs every benchmark); 0: every class
+    limit: int = 0                   # evaluate the first N images only (0: all)
+    max_steps: int = 50              # --study=steps: S = 1 .. max_steps
+    runs: str = ""                   # --study=fractions: train.py out_dirs, comma-separated
+    save_every: int = 20             # images between saves of the partial result
+    overlays: int = 0                # overlay PNGs (prediction | ground truth) of the first N images
+    vae_masks: int = 1000            # --study=vae: masks drawn at random (App. B: 1,000)
+
+
+STUDIES = ("", "sweep", "ensemble", "steps", "tau", "vae", "fractions")
+CHOICES = {**INFERENCE_CHOICES, "study": STUDIES, "protocol": ("auto", "long", "short", "slide"),
+           "dataset": ("toy", *data.DATASETS)}
+RANGES = {**INFERENCE_RANGES, "max_steps": POSITIVE, "save_every": POSITIVE, "vae_masks": POSITIVE}
+
+
 def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default="", help="a DiGSeg checkpoint folder")
-    p.add_argument("--sd2", default="", help="SD2 weights: for --study=vae, or where they moved since training")
-    p.add_argument("--clip", default="", help="CLIP weights, where they moved since training")
-    p.add_argument("--proposal_clip", default="",
-                   help="another CLIP (with a vision tower) for the class proposals only, e.g. ViT-B/16 as Table 1 "
-                        "lists; default: the conditioner's CLIP")
-    p.add_argument("--clip_vocab", default="", help="bpe_simple_vocab_16e6.txt.gz for an OpenAI .pt --proposal_clip")
-    p.add_argument("--dataset", default="toy")
-    p.add_argument("--data_root", default="data")
-    p.add_argument("--split", default="val")
-    p.add_argument("--classes", default="", help="a class-list file of your own")
-    p.add_argument("--out", default="", help="default: out/eval/<run>-<checkpoint digest>/<dataset>-<split>")
-    p.add_argument("--study", default="", choices=["", "sweep", "ensemble", "steps", "tau", "vae", "fractions"])
-    p.add_argument("--protocol", default="auto", choices=["auto", "long", "short", "slide"],
-                   help="auto: by dataset (PROTOCOLS); long: long side to the model's resolution; short: short "
-                        "side to it; slide: full resolution in overlapping windows")
-    p.add_argument("--ensemble", type=positive_int, default=1,
-                   help="E, noise seeds averaged in latent space. Default 1, Table 6's fast 1 x 1 row; the paper "
-                        "ensembles E = 8 'unless otherwise stated' and reports its main tables at E x S = 8 x 2 "
-                        "(--ensemble=8 --steps=2)")
-    p.add_argument("--steps", type=positive_int, default=1, help="S, DDIM steps (the paper's main tables: 2)")
-    p.add_argument("--spacing", default="trailing", choices=["trailing", "leading", "linspace"])
-    p.add_argument("--max_steps", type=positive_int, default=50, help="--study=steps: 1..max_steps")
-    p.add_argument("--runs", default="", help="--study=fractions: train.py out_dirs, comma-separated")
-    p.add_argument("--tau", type=float, default=0.7, help="threshold of one class's binary mask")
-    p.add_argument("--eta", type=float, default=0.0, help="Eq. 7's sigma_t: 0 = deterministic DDIM (the paper, Sec. 4.1)")
-    p.add_argument("--tau_bg", type=float, default=0.5,
-                   help="background where the best class is below this (ours: the paper gives no value)")
-    p.add_argument("--proposals", type=int, default=1, choices=[0, 1],
-                   help="1: CLIP proposes each image's candidate classes (App. A.3, as the paper runs every benchmark); "
-                        "0: every class of the dataset")
-    p.add_argument("--tau_global", type=float, default=0.25)
-    p.add_argument("--tau_patch", type=float, default=0.3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--limit", type=int, default=0, help="evaluate the first N images only")
-    p.add_argument("--batch_size", type=positive_int, default=8, help="denoising batch (classes x members)")
-    p.add_argument("--save_every", type=positive_int, default=20)
-    p.add_argument("--overlays", type=int, default=0, help="write overlay PNGs (prediction | ground truth) of the first N images")
-    p.add_argument("--vae_masks", type=positive_int, default=1000)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
-    p.add_argument("--debug", default="0", help="1: show the traceback of an error")
-    return p.parse_args(argv)
+    return parse_settings(Settings, argv, __doc__, CHOICES, RANGES)
 
 
 def default_out(checkpoint, digest, dataset, split):
@@ -350,14 +334,14 @@ def main(argv=None):
         raise UsageError("--checkpoint is required (a folder with digseg.json and digseg.safetensors)")
     procs = start_processes(args.device)
     cfg = DiGSeg.config_of(args.checkpoint, args.sd2 or None, args.clip or None)
-    digest = DiGSeg.checkpoint_digest(args.checkpoint)
+    digest = checkpoint_digest(args.checkpoint)
     args.out = args.out or default_out(args.checkpoint, digest, args.dataset, args.split)
     os.makedirs(args.out, exist_ok=True)
     model = DiGSeg.from_checkpoint(args.checkpoint, dtype=DTYPES[args.dtype], device=procs.device,
                                    sd2=args.sd2 or None, clip=args.clip or None).eval()
     if args.proposal_clip:
         model.use_proposal_clip(args.proposal_clip, vocab=args.clip_vocab or None)
-    if args.proposals and not hasattr(model.proposer, "image"):
+    if args.proposals and model.proposer is None:
         raise UsageError("--proposals=1 (the default, App. A.3) needs a CLIP with a vision tower, and this checkpoint "
                          "has none: pass --proposal_clip=PATH, or --proposals=0 to run every class")
     n = min(len(ds), args.limit or len(ds))

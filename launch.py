@@ -1,8 +1,11 @@
-"""How a script starts: flags, device and dtype, torchrun processes, and one-line errors.
+"""How a script starts: settings, device and dtype, torchrun processes, and one-line errors.
 
-Shared by train.py, eval.py, sample.py and toy.py, which never import each other.
+Shared by train.py, eval.py, sample.py, toy.py and bench.py, which never import each other.
+Every script has one dataclass of settings; each field is a --key=value flag, typed by the field,
+checked against the script's CHOICES and RANGES, and its comment (on the field's line, or on the
+line in a base dataclass) is its --help text, so no help is written twice:
 
-    settings = parse_settings(Settings, argv, choices=CHOICES, presets=PRESETS)   # --key=value flags
+    settings = parse_settings(Settings, argv, __doc__, choices=CHOICES, ranges=RANGES)
     procs = start_processes("auto")      # DDP from the torchrun environment (RANK, WORLD_SIZE, ...)
     ...
     stop_processes(procs)
@@ -10,7 +13,7 @@ Shared by train.py, eval.py, sample.py and toy.py, which never import each other
 
 Set --debug=1 or DIGSEG_DEBUG=1 to see the traceback of an error.
 """
-import argparse
+import dataclasses
 import inspect
 import os
 import sys
@@ -22,37 +25,80 @@ import torch.distributed as dist
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+POSITIVE = (1, None)                     # a RANGES entry: an integer >= 1
+SHARE = (0, 1)                           # a RANGES entry: a number in [0, 1]
 
 
 class UsageError(ValueError):
     """A flag, path or setting the user gave is wrong; the message says which and what to do."""
 
 
-# ---- flags from a dataclass ---------------------------------------------------------------------
+# ---- settings from a dataclass ----------------------------------------------------------------
+
+@dataclass
+class Inference:
+    """What segment() and the class proposals take: eval.py's and sample.py's shared settings."""
+    checkpoint: str = ""             # a DiGSeg checkpoint folder (digseg.json + digseg.safetensors)
+    sd2: str = ""                    # the SD2 base weights, where they moved since training
+    clip: str = ""                   # the CLIP base weights, where they moved since training
+    proposal_clip: str = ""          # another CLIP with a vision tower, for the proposals only (e.g. ViT-B/16, Table 1)
+    clip_vocab: str = ""             # bpe_simple_vocab_16e6.txt.gz, for an OpenAI .pt proposal_clip
+    ensemble: int = 1                # E, seeds averaged in latent space (Eq. 8); the paper: 8 "unless otherwise stated", main tables E x S = 8 x 2
+    steps: int = 1                   # S, DDIM steps (Eq. 7); the paper's main tables: 2
+    spacing: str = "trailing"        # DDIM timesteps (Sec. 4.3)
+    eta: float = 0.0                 # Eq. 7's sigma_t: 0 = deterministic DDIM (the paper, Sec. 4.1)
+    seed: int = 0                    # member e starts from the noise of seed + e
+    batch_size: int = 8              # (class, member) pairs per U-Net call
+    tau: float = 0.7                 # one class's binary mask is M_c > tau (the paper)
+    tau_bg: float = 0.5              # background where the best class is below this (ours: the paper gives no value)
+    tau_global: float = 0.25         # CLIP image-text cosine that proposes a class (App. A.3, the paper)
+    tau_patch: float = 0.3           # CLIP best-patch cosine that proposes a class (ours)
+    device: str = "auto"             # auto | cpu | cuda | cuda:N
+    dtype: str = "fp32"              # the weights' dtype at inference
+    debug: bool = False              # show the traceback of an error
+
+
+INFERENCE_CHOICES = {"spacing": ("trailing", "leading", "linspace"), "dtype": tuple(DTYPES),
+                     "device": ("auto", "cpu", "cuda")}
+INFERENCE_RANGES = {"ensemble": POSITIVE, "steps": POSITIVE, "batch_size": POSITIVE}
+
 
 def field_comments(cls):
-    """{field: the comment on its line} from the dataclass source: the help of every flag."""
+    """{field: the comment on its line} from the source of the dataclass and of its dataclass bases
+    (a subclass that redeclares a field without a comment keeps its base's): the help of every flag."""
     comments = {}
-    for line in inspect.getsource(cls).splitlines():
-        code, _, comment = line.strip().partition("  # ")
-        if ":" in code and "=" in code and not code.startswith(("@", "class", "#")):
-            comments[code.split(":")[0].strip()] = comment.strip()
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        for line in inspect.getsource(klass).splitlines():
+            code, _, comment = line.strip().partition("  # ")
+            if ":" in code and "=" in code and not code.startswith(("@", "class", "#")) and comment.strip():
+                comments[code.split(":")[0].strip()] = comment.strip()
     return comments
 
 
-def settings_help(cls, choices, presets, doc):
+def settings_help(cls, choices, presets, doc, ranges=None):
     """--help text generated from the dataclass: flag, type, default, allowed values, comment."""
-    comments = field_comments(cls)
+    comments, ranges = field_comments(cls), ranges or {}
     lines = [doc.strip(), "", "Settings (--key=value):"]
     for f in fields(cls):
-        allowed = f" [{' | '.join(choices[f.name])}]" if f.name in choices else ""
-        lines.append(f"  --{f.name}={f.default!r} ({_type(f).__name__}){allowed}  {comments.get(f.name, '')}".rstrip())
-    lines.append(f"\nPresets (--preset=NAME, then overrides): {', '.join(presets)}")
+        allowed = f" [{' | '.join(map(str, choices[f.name]))}]" if f.name in choices else ""
+        allowed += f" [{_range_text(ranges[f.name])}]" if f.name in ranges else ""
+        default = f.default if f.default is not dataclasses.MISSING else []
+        lines.append(f"  --{f.name}={default!r} ({_type(f).__name__}){allowed}  {comments.get(f.name, '')}".rstrip())
+    if presets:
+        lines.append(f"\nPresets (--preset=NAME, then overrides): {', '.join(presets)}")
     return "\n".join(lines)
 
 
 def _type(f):
-    return {"bool": bool, "int": int, "float": float, "str": str}.get(f.type, f.type) if isinstance(f.type, str) else f.type
+    return {"bool": bool, "int": int, "float": float, "str": str, "list": list}.get(f.type, f.type) \
+        if isinstance(f.type, str) else f.type
+
+
+def _range_text(bounds):
+    low, high = bounds
+    return f">= {low}" if high is None else f"in [{low}, {high}]"
 
 
 def parse_value(name, text, typ, choices=None):
@@ -81,24 +127,38 @@ def check_choice(name, value, choices):
         raise UsageError(f"--{name}={value}: expected one of {', '.join(map(str, choices))}")
 
 
+def check_ranges(settings, ranges):
+    """Each `ranges` entry (low, high or None) bounds its setting; outside, a UsageError names it."""
+    for name, (low, high) in (ranges or {}).items():
+        value = getattr(settings, name)
+        if value < low or (high is not None and value > high):
+            what = "an integer" if isinstance(value, int) else "a number"
+            raise UsageError(f"--{name}={value}: expected {what} {_range_text((low, high))}")
+    return settings
+
+
 def _is_cuda_index(value):
     return isinstance(value, str) and value.startswith("cuda:") and value[5:].isdigit()
 
 
-def split_flags(argv):
-    """['--a=1', '--b=x'] -> {'a': '1', 'b': 'x'}; anything else is a usage error."""
-    kv = {}
+def split_flags(argv, positional=False):
+    """['--a=1', '--b=x', 'img.png'] -> ({'a': '1', 'b': 'x'}, ['img.png']); an argument that is not
+    --key=value is a usage error unless the script takes positional arguments."""
+    kv, rest = {}, []
     for a in argv:
-        if not a.startswith("--") or "=" not in a:
+        if a.startswith("--") and "=" in a:
+            k, v = a[2:].split("=", 1)
+            kv[k] = v
+        elif positional and not a.startswith("--"):
+            rest.append(a)
+        else:
             raise UsageError(f"arguments look like --key=value, got {a!r} (see --help)")
-        k, v = a[2:].split("=", 1)
-        kv[k] = v
-    return kv
+    return kv, rest
 
 
 def apply_flags(settings, kv, choices):
     """Set each --key=value on a dataclass instance, typed and checked by the dataclass fields."""
-    types = {f.name: _type(f) for f in fields(settings)}
+    types = {f.name: _type(f) for f in fields(settings) if _type(f) is not list}
     for k, v in kv.items():
         if k not in types:
             raise UsageError(f"unknown setting --{k}; valid: {', '.join(types)} (see --help)")
@@ -108,15 +168,24 @@ def apply_flags(settings, kv, choices):
     return settings
 
 
-def positive_int(text):
-    """An argparse type: an integer >= 1 (ensemble sizes, steps, batch sizes)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return value
+def parse_settings(cls, argv, doc, choices=None, ranges=None, presets=None, positional=None):
+    """argv -> a `cls` instance: [--preset=NAME first, then] --key=value flags over the defaults,
+    typed, checked against `choices` and `ranges`. --help prints every setting with its comment.
+    positional: the name of a list field that takes the arguments not of the --key=value form."""
+    choices = choices or {}
+    if wants_help(argv):
+        print(settings_help(cls, choices, presets, doc, ranges))
+        raise SystemExit(0)
+    kv, rest = split_flags(argv, positional is not None)
+    preset = kv.pop("preset", None) if presets else None
+    if preset is not None and preset not in presets:
+        raise UsageError(f"--preset={preset}: unknown preset; valid: {', '.join(presets)}")
+    settings = apply_flags(cls(**(presets or {}).get(preset, {})), kv, choices)
+    if positional:
+        if not rest:
+            raise UsageError(f"give the {positional} as arguments (see --help)")
+        setattr(settings, positional, rest)
+    return check_ranges(settings, ranges)
 
 
 def wants_help(argv):

@@ -3,6 +3,7 @@
     python sample.py photos/*.jpg --checkpoint=out/ade20k/checkpoint --classes="cat,dog,grass"
     python sample.py photos/ --checkpoint=... --vocab=ade150          # CLIP proposes the classes
     python sample.py img.png --checkpoint=... --classes_file=my_classes.txt --ensemble=8 --steps=2
+    python sample.py --help                                           # every setting
 
 For each image it writes, under --out (NAME = the image's path below the inputs' common folder,
 without its extension unless two inputs would share a name: x.jpg and x.png):
@@ -12,13 +13,13 @@ without its extension unless two inputs would share a name: x.jpg and x.png):
   NAME.json          classes found: pixel share, mean probability, CLIP scores (when proposed)
 An unreadable image is reported and skipped; the others are still written and the exit code is 1.
 """
-import argparse
 import collections
 import glob
 import json
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ from PIL import Image
 
 from data import CLASSES_DIR, IMAGE_SUFFIXES, DataError, first_name, load_rgb, read_class_file
 from digseg import DiGSeg, aggregate, binary_mask
-from launch import DTYPES, UsageError, pick_device, positive_int, run
+from launch import DTYPES, INFERENCE_CHOICES, INFERENCE_RANGES, Inference, UsageError, parse_settings, pick_device, run
 from plot import label_png, overlay
 
 
@@ -69,35 +70,23 @@ def read_classes(args):
     raise UsageError("give the classes: --classes=a,b,c or --classes_file=FILE or --vocab=NAME (CLIP proposes)")
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
-    p.add_argument("--checkpoint", required=True, help="a DiGSeg checkpoint folder (digseg.json + digseg.safetensors)")
-    p.add_argument("--sd2", default="", help="the SD2 base weights, where they moved since training")
-    p.add_argument("--clip", default="", help="the CLIP base weights, where they moved since training")
-    p.add_argument("--proposal_clip", default="",
-                   help="another CLIP (with a vision tower) for the class proposals only, e.g. ViT-B/16 as Table 1 "
-                        "lists; default: the conditioner's CLIP")
-    p.add_argument("--clip_vocab", default="", help="bpe_simple_vocab_16e6.txt.gz for an OpenAI .pt --proposal_clip")
-    p.add_argument("--classes", default="", help="comma-separated class names")
-    p.add_argument("--classes_file", default="", help="a file with one class name per line")
-    p.add_argument("--vocab", default="", help="a vocabulary (classes/NAME.txt or a file); CLIP proposes candidates (App. A.3)")
-    p.add_argument("--out", default="out/sample")
-    p.add_argument("--ensemble", type=positive_int, default=8, help="E, noise seeds averaged in latent space")
-    p.add_argument("--steps", type=positive_int, default=1, help="S, DDIM steps")
-    p.add_argument("--spacing", default="trailing", choices=["trailing", "leading", "linspace"])
-    p.add_argument("--tau", type=float, default=0.7, help="threshold of one class's binary mask")
-    p.add_argument("--eta", type=float, default=0.0, help="Eq. 7's sigma_t: 0 = deterministic DDIM (the paper, Sec. 4.1)")
-    p.add_argument("--tau_bg", type=float, default=0.5,
-                   help="background where the best class is below this (ours: the paper gives no value)")
-    p.add_argument("--tau_global", type=float, default=0.25, help="CLIP image-text cosine to propose a class")
-    p.add_argument("--tau_patch", type=float, default=0.3, help="CLIP best-patch cosine to propose a class")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
-    p.add_argument("--debug", default="0", help="1: show the traceback of an error")
-    args = p.parse_args(argv)
+@dataclass
+class Settings(Inference):
+    # segment() and the proposals: launch.Inference (checkpoint, ensemble, steps, tau_bg, ...)
+    inputs: list = field(default_factory=list)   # image files, folders or glob patterns (the arguments)
+    classes: str = ""                # comma-separated class names
+    classes_file: str = ""           # a file with one class name per line
+    vocab: str = ""                  # a vocabulary (classes/NAME.txt or a file); CLIP proposes candidates (App. A.3)
+    out: str = "out/sample"          # where the PNGs and JSONs go
+    ensemble: int = 8
 
+
+def main(argv=None):
+    args = parse_settings(Settings, sys.argv[1:] if argv is None else argv, __doc__, INFERENCE_CHOICES,
+                          INFERENCE_RANGES, positional="inputs")
+
+    if not args.checkpoint:
+        raise UsageError("--checkpoint is required: a DiGSeg checkpoint folder (digseg.json + digseg.safetensors)")
     names, propose = read_classes(args)
     paths = expand_inputs(args.inputs)
     if not paths:
@@ -124,8 +113,8 @@ def main(argv=None):
         os.makedirs(os.path.dirname(stem), exist_ok=True)
         found = []
         if classes:
-            probs = model.segment(image, classes, ensemble=args.ensemble, steps=args.steps,
-                                  spacing=args.spacing, seed=args.seed, eta=args.eta).cpu()
+            probs = model.segment(image, classes, ensemble=args.ensemble, steps=args.steps, spacing=args.spacing,
+                                  seed=args.seed, eta=args.eta, batch_size=args.batch_size).cpu()
             labels = aggregate(probs, args.tau_bg)
             for k, c in enumerate(classes):
                 Image.fromarray((probs[k].numpy() * 255).round().astype(np.uint8)).save(

@@ -20,12 +20,12 @@ paper's presets do on GPUs: on 2 cores the stage takes 10-20 % less time. Elsewh
 emulates bf16 far slower than fp32, it trains in fp32. --dtype=fp32 or bf16 overrides the choice;
 it is part of stage 3's record. The pretraining stages train in fp32 on every CPU.
 """
-import argparse
 import json
 import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 import data
 from digseg import DiGSeg, mask_to_image
-from launch import cpu_has_native_bf16, run
+from launch import POSITIVE, cpu_has_native_bf16, parse_settings, run
 from model.clip import CLIP, MEAN, STD, CLIPConfig, CLIPTextConfig, CLIPVisionConfig, train_bpe
 from model.unet import UNet2DCondition, UNetConfig
 from model.vae import AutoencoderKL, VAEConfig
@@ -427,24 +427,30 @@ def study_prior(out, args):
     return results
 
 
+@dataclass
+class Settings:
+    out: str = "out/toy"             # the world's folder: its stages, DiGSeg, the evaluation
+    vae_steps: int = 1500            # stage 1: the toy VAE's steps
+    clip_steps: int = 600            # stage 2: the toy CLIP's steps
+    train_steps: int = 1600          # stage 3: DiGSeg's fine-tuning steps (train.py --preset=toy)
+    prior: bool = False              # fine-tune the U-Net pretrained as a text-to-image model (stage 2b), not one from scratch
+    prior_steps: int = 600           # stage 2b's steps (batch 32)
+    val_images: int = 100            # validation scenes scored
+    seed: int = 0                    # the fine-tuning seed (data order, classes, t and noise)
+    dtype: str = "auto"              # of the fine-tuning; auto: bf16 on a GPU or on a CPU that computes it natively, else fp32
+    study: str = ""                  # prior: scratch vs the text-to-image prior; e2e: the e2e objective (docs/results.md)
+    study_steps: int = 600           # --study=prior: fine-tuning steps per run
+    study_seeds: int = 3             # fine-tuning seeds per study cell
+    debug: bool = False              # show the traceback of an error
+
+
+CHOICES = {"dtype": ("auto", "fp32", "bf16"), "study": ("", "prior", "e2e")}
+RANGES = {k: POSITIVE for k in ("vae_steps", "clip_steps", "train_steps", "prior_steps", "val_images", "study_steps",
+                                "study_seeds")}
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="out/toy")
-    p.add_argument("--vae_steps", type=int, default=1500)
-    p.add_argument("--clip_steps", type=int, default=600)
-    p.add_argument("--train_steps", type=int, default=1600)
-    p.add_argument("--prior", type=int, default=0, choices=[0, 1],
-                   help="1: fine-tune the U-Net pretrained as a text-to-image model (stage 2b), not one from scratch")
-    p.add_argument("--prior_steps", type=int, default=600, help="stage 2b's steps (batch 32)")
-    p.add_argument("--val_images", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0, help="the fine-tuning seed (data order, classes, t and noise)")
-    p.add_argument("--study", default="", choices=["", "prior"], help="prior: scratch vs prior by labelled scenes")
-    p.add_argument("--study_steps", type=int, default=600, help="--study=prior: fine-tuning steps per run")
-    p.add_argument("--study_seeds", type=int, default=3)
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="of the fine-tuning stage; auto: bf16 where the CPU computes it natively, else fp32")
-    p.add_argument("--debug", default="0", help="1: show the traceback of an error")
-    args = p.parse_args(argv)
+    args = parse_settings(Settings, sys.argv[1:] if argv is None else argv, __doc__, CHOICES, RANGES)
     args.dtype = default_dtype() if args.dtype == "auto" else args.dtype
     t_start = time.time()
     if args.study == "prior":

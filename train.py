@@ -37,67 +37,53 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
 import data
-from digseg import (MASK_LOSSES, NOISE_TYPES, OBJECTIVES, TEXT_EMBEDDINGS, TEXT_SCALES, TRAINABLE_SETS, DiGSeg,
-                    DiGSegConfig, aggregate)
-from launch import (DTYPES, UsageError, apply_flags, run, settings_help, split_flags, start_processes, stop_processes,
-                    wants_help)
+import digseg
+from digseg import DiGSeg, DiGSegConfig, aggregate
+from launch import (DTYPES, POSITIVE, SHARE, UsageError, apply_flags, check_ranges, parse_settings, run, split_flags,
+                    start_processes, stop_processes, wants_help)
 from metrics import confusion_matrix, miou
-from model.diffusion import PREDICTIONS
+from model.cuda import tune_for_cuda
 from model.weights import torch_save_atomic, write_text_atomic
 from plot import line_plot
 
 
 @dataclass
-class Settings:
-    # model (digseg.DiGSegConfig)
-    sd2: str = ""                    # diffusers SD2 folder or single-file checkpoint
-    clip: str = ""                   # CLIP folder / OpenAI .pt (text conditioner)
-    clip_vocab: str = ""             # bpe_simple_vocab_16e6.txt.gz for OpenAI .pt files
-    text: str = "clip"               # CLIP text tower + MLP (Sec. 3.5), or SD2's own text encoder
-    text_embedding: str = "tokens"   # the MLP maps CLIP's 77 token states (ours), or its pooled embedding t_c
-    trainable: str = "all"           # the whole U-Net + MLP, or the App. A.2 set
-    text_scales: str = "all"         # text into every cross-attention (ours), or at 1/4 and 1/8 only (App. A.2)
-    noise: str = "multires_annealed"  # Table 4's noise types
-    noise_strength: float = 0.9      # s of the multi-resolution noise (App. A.1)
-    target: str = "epsilon"          # what the U-Net predicts (the paper: epsilon)
-    objective: str = "diffusion"     # the paper's loss (Eq. 6), or e2e: one step through the decoder (NOT the paper)
-    mask_loss: str = "bce_dice"      # objective=e2e: the loss on the decoded mask, bce_dice | mse
-    resolution: int = 512            # inference resolution (validation)
+class Settings(DiGSegConfig):
+    # the model: every field of digseg.DiGSegConfig (sd2, clip, text, trainable, noise, target, ...)
     # data (data.py)
     dataset: str = "toy"             # toy, a benchmark of data.DATASETS, or folder (your own)
-    data_root: str = "data"
+    data_root: str = "data"          # the dataset's folder (merged sets: ROOT1,ROOT2)
     size: int = 512                  # training crop (the paper: 512)
     fraction: float = 1.0            # data-efficiency experiment: 1, 1/2, ... 1/16 (fixed, seeded subset)
-    prompt_template: str = "a photo of a {}."
     p_absent: float = 0.0            # probability of drawing an absent class with an empty mask
     t_max_share: float = 0.0         # share of samples trained at t = T-1 (not the paper: toy preset)
     check_data: bool = True          # read every label map once before step 1 (not for the toy world)
     # optimisation
     batch_size: int = 2              # per process
-    grad_accum: int = 1
-    max_steps: int = 30000
-    lr: float = 1e-4
+    grad_accum: int = 1              # micro-batches per optimizer step
+    max_steps: int = 30000           # optimizer steps
+    lr: float = 1e-4                 # AdamW's learning rate (the paper: 1e-4)
     weight_decay: float = 1e-2       # ours (the paper states AdamW and lr only): AdamW's usual default
-    warmup_steps: int = 0
+    warmup_steps: int = 0            # linear warmup from 0
     decay: str = "constant"          # after warmup, down to min_lr at max_steps
-    min_lr: float = 0.0
+    min_lr: float = 0.0              # the end of the decay
     grad_clip: float = 1.0           # ours, 0 = off (the paper names no clipping)
     dtype: str = "bf16"              # autocast dtype, ours (the paper names none); GradScaler only for fp16
     grad_checkpointing: bool = False  # recompute U-Net activations in the backward pass: less memory
     decoder_checkpointing: bool = False  # objective=e2e: recompute the VAE decoder's activations too
     compile: bool = False            # torch.compile the U-Net and VAE encoder (static shapes; step 1 compiles)
     # bookkeeping
-    out_dir: str = "out/train"
+    out_dir: str = "out/train"       # checkpoints, settings and the loss curve
     overwrite: bool = False          # a fresh run may replace the checkpoints in out_dir
     keep: int = 2                    # checkpoints kept in out_dir (checkpoint/ + keep - 1 older)
-    seed: int = 0
-    device: str = "auto"             # or cuda:N
-    num_workers: int = 2
-    log_every: int = 10
-    save_every: int = 1000
-    val_every: int = 0               # 0 = no validation during training
-    val_images: int = 8
-    tau_bg: float = 0.5              # validation: background where the best class is below this (ours)
+    seed: int = 0                    # the data order, classes, timesteps and noise of every sample
+    device: str = "auto"             # auto | cpu | cuda | cuda:N
+    num_workers: int = 2             # data loader processes
+    log_every: int = 10              # steps between log lines
+    save_every: int = 1000           # steps between checkpoints
+    val_every: int = 0               # steps between validations (0 = none)
+    val_images: int = 8              # validation images, segmented with E = 1, S = 1
+    tau_bg: float = 0.5              # validation's background threshold (as eval.py's)
     max_bad_steps: int = 20          # consecutive non-finite losses before stopping
     stop_after: int = 0              # stop this run after N steps (a time-boxed job); --resume goes on
     resume: str = ""                 # a run's out_dir (its newest checkpoint) or one checkpoint folder
@@ -107,32 +93,25 @@ class Settings:
     debug: bool = False              # show tracebacks of errors
 
 
-CHOICES = {"text": ("clip", "sd2"), "text_embedding": TEXT_EMBEDDINGS, "text_scales": TEXT_SCALES, "trainable": TRAINABLE_SETS, "noise": NOISE_TYPES,
-           "target": PREDICTIONS, "objective": OBJECTIVES, "mask_loss": MASK_LOSSES, "dataset": ("toy", *data.DATASETS), "decay": ("constant", "cosine", "linear"),
+CHOICES = {**digseg.CHOICES, "dataset": ("toy", *data.DATASETS), "decay": ("constant", "cosine", "linear"),
            "dtype": tuple(DTYPES), "device": ("auto", "cpu", "cuda")}
+RANGES = {**{k: POSITIVE for k in ("batch_size", "grad_accum", "max_steps", "keep", "log_every", "save_every",
+                                   "max_bad_steps")},
+          **{k: SHARE for k in ("p_absent", "t_max_share", "fraction")}}
 
 PRESETS = {
-    # The toy world: tiny models pretrained on procedural shapes; trains on a CPU in minutes.
-    # v-prediction here (the paper: epsilon): the toy U-Net starts from scratch, and one trailing
-    # step from t = 999 with epsilon amplifies its error by 1/sqrt(alpha_bar_999) = 14.6 (toy mIoU
-    # 0.01 with epsilon vs 0.06-0.08 with v after 1000 steps, measured on an earlier, harder toy
-    # world). x0 prediction (--target=sample) ties with v: val mIoU 0.546 vs 0.549 at 1500 steps.
-    # Two departures from the paper, toy only, each measured (100 val scenes, E = 1, S = 1 trailing):
-    # p_absent = 0.3: evaluation scores every class, so the model must learn to answer an absent
-    # class with an empty mask, which it never sees with p_absent = 0 (it turned on > 1 % of the
-    # pixels for 48 % of absent (image, class) pairs); t_max_share = 0.75: one-step trailing
-    # inference only ever runs the U-Net at t = T-1, which uniform t almost never trains; the other
-    # quarter keeps uniform t, so that multi-step sampling (Fig. 8) still has a model to run.
-    # Together: 0.537 -> 0.752 at 1500 steps with t_max_share = 0.5 (seed 0, same world); 0.5 ->
-    # 0.75 moved seeds 0 / 1 from 0.752 / 0.740 to 0.764 / 0.786 (1.0: 0.782 for seed 0).
-    # dtype fp32 here; toy.py passes --dtype=bf16 on CPUs that compute bf16 natively (a step ~25 %
-    # shorter on 2 cores), and 1600 steps (was 1500) buy back what bf16 cost: seeds 0 / 1 / 2 gave
-    # 0.761 / 0.750 / 0.741 at 1500 bf16 steps on one world, 0.764 / 0.774 / 0.801 at 1600 on
-    # another (fp32 at 1500: 0.775 on average over two worlds).
-    # size = 48: random 48 px crops of the 64 px scenes, segmented whole (resolution 64), as the paper
-    # trains on 512 crops of larger images. A step costs ~2/3 of one on whole scenes, at the same
-    # accuracy: fp32, seed 0, one world: 0.787 (crops) vs 0.790 (whole), stage 3 in 5.7 vs 8.4 min.
-    # With crops, seeds 0 / 1 / 2: 0.787 / 0.791 / 0.784 in fp32, 0.777 / 0.786 / 0.788 in bf16.
+    # The toy world (toy.py): tiny models pretrained on procedural shapes, trained on a CPU in minutes.
+    # Its departures from the paper, each measured in docs/results.md ("The toy preset"):
+    #  - target v_prediction: the toy U-Net starts from scratch, and with epsilon one trailing step
+    #    from t = 999 amplifies its error by 1 / sqrt(alpha_bar_999) = 14.6;
+    #  - p_absent 0.3: evaluation scores every class, so the model must learn to answer an absent
+    #    class with an empty mask, which it never sees with p_absent = 0;
+    #  - t_max_share 0.75: one-step trailing inference only runs the U-Net at t = T-1, which uniform
+    #    t almost never trains; the other quarter keeps uniform t, so that multi-step sampling
+    #    (Fig. 8) still has a model to run;
+    #  - size 48: random 48 px crops of the 64 px scenes, segmented whole, as the paper trains on
+    #    512 px crops of larger images (a step costs about 2/3 of one on whole scenes).
+    # dtype fp32 here; toy.py passes bf16 where the CPU or a GPU computes it natively.
     "toy": dict(dataset="toy", sd2="out/toy/sd2", clip="out/toy/clip", size=48, resolution=64, target="v_prediction",
                 p_absent=0.3, t_max_share=0.75, batch_size=16, max_steps=1600, lr=1e-3, warmup_steps=50,
                 decay="cosine", min_lr=1e-4, dtype="fp32", num_workers=0, log_every=50, save_every=500,
@@ -147,7 +126,7 @@ PRESETS = {
                        batch_size=2, grad_accum=1, max_steps=30000, lr=1e-4, warmup_steps=500,
                        dtype="bf16", out_dir="out/coco-stuff"),
     # App. A.2: only conv_in, the MLP, the cross-attention at 1/4 and 1/8 and the mid-block attention
-    # train (65.7 M of 865.9 M U-Net parameters; see digseg.TRAINABLE_SETS for our reading).
+    # train (65.7 M of 865.9 M U-Net parameters; our reading: digseg.trainable_parameter_names).
     "ade20k-paper": dict(dataset="ade150", data_root="data/ADEChallengeData2016", size=512, resolution=512,
                          trainable="paper", batch_size=2, grad_accum=1, max_steps=30000, lr=1e-4,
                          warmup_steps=500, dtype="bf16", out_dir="out/ade20k-paper"),
@@ -158,16 +137,13 @@ PRESETS = {
 
 
 def parse_args(argv):
-    """--preset=NAME first, then --key=value overrides, typed and checked by the Settings fields.
-    --resume=DIR starts from the settings the run was started with (then the overrides)."""
-    if wants_help(argv):
-        print(settings_help(Settings, CHOICES, PRESETS, __doc__))
-        raise SystemExit(0)
-    kv = split_flags(argv)
-    preset = kv.pop("preset", None)
-    if preset is not None and preset not in PRESETS:
-        raise UsageError(f"--preset={preset}: unknown preset; valid: {', '.join(PRESETS)}")
-    if "resume" in kv:
+    """--preset=NAME first, then --key=value overrides, typed and checked by the Settings fields
+    (launch.parse_settings). --resume=DIR starts from the settings the run was started with
+    (its settings.json), then the overrides."""
+    if wants_help(argv) or not any(a.startswith("--resume=") for a in argv):
+        s = parse_settings(Settings, argv, __doc__, CHOICES, RANGES, PRESETS)
+    else:
+        kv, _ = split_flags(argv)
         ckpt = find_checkpoint(kv["resume"])
         with open(os.path.join(ckpt, "settings.json")) as f:
             saved = json.load(f)
@@ -176,18 +152,15 @@ def parse_args(argv):
             raise UsageError(f"{ckpt}/settings.json: unknown settings {unknown}")
         s = Settings(**saved)
         s.out_dir, s.stop_after, s.overwrite, s.dry_run = os.path.dirname(ckpt), 0, False, False
-    else:
-        s = Settings(**PRESETS.get(preset, {}))
-    s = apply_flags(s, kv, CHOICES)
+        s = check_ranges(apply_flags(s, kv, CHOICES), RANGES)
     for key in ("sd2", "clip", "clip_vocab"):       # absolute, so a resume from elsewhere finds them
         setattr(s, key, os.path.abspath(getattr(s, key)) if getattr(s, key) else "")
-    for key in ("batch_size", "grad_accum", "max_steps", "keep", "log_every", "save_every", "max_bad_steps"):
-        if getattr(s, key) < 1:
-            raise UsageError(f"--{key}={getattr(s, key)}: expected an integer >= 1")
-    for key in ("p_absent", "t_max_share", "fraction"):
-        if not 0 <= getattr(s, key) <= 1:
-            raise UsageError(f"--{key}={getattr(s, key)}: expected a number in [0, 1]")
     return s
+
+
+def model_config(s):
+    """The DiGSegConfig part of the settings."""
+    return DiGSegConfig(**{f.name: getattr(s, f.name) for f in fields(DiGSegConfig)})
 
 
 # ---- schedule, seeds, data order ------------------------------------------------------------------
@@ -357,8 +330,8 @@ def dry_run(model, optimizer, s, device, autocast):
 
 
 def make_optimizer(model, s):
-    """AdamW, no weight decay on biases and norms; fused into one kernel per step (CUDA and CPU:
-    on the toy U-Net's CPU step 2.1 ms instead of 8.2 ms for the default per-tensor loop)."""
+    """AdamW, no weight decay on biases and norms; fused into one kernel per step, on CUDA and on the
+    CPU alike (faster than the per-tensor loop: docs/results.md)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": s.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -388,15 +361,11 @@ def train(s):
             setattr(s, f.name, getattr(model.cfg, f.name))
         log(f"initialised from {s.init} ({model.cfg.trainable}, {model.cfg.target}); objective {s.objective}")
     else:
-        model = DiGSeg.from_weights(s.sd2, s.clip, text=s.text, trainable=s.trainable, device=device, noise=s.noise,
-                                    target=s.target, resolution=s.resolution, prompt_template=s.prompt_template,
-                                    text_scales=s.text_scales, text_embedding=s.text_embedding,
-                                    noise_strength=s.noise_strength, clip_vocab=s.clip_vocab, objective=s.objective,
-                                    mask_loss=s.mask_loss)
+        model = DiGSeg.from_config(model_config(s), device=device)
     model.train()                                 # the U-Net and MLP; the frozen parts stay in eval mode
     model.unet.gradient_checkpointing = s.grad_checkpointing
     model.decoder_checkpointing = s.decoder_checkpointing
-    model.tune_for_cuda(frozen_dtype=torch.bfloat16 if s.dtype == "bf16" else None, compile=s.compile)
+    tune_for_cuda(model, frozen_dtype=torch.bfloat16 if s.dtype == "bf16" else None, compile=s.compile)
     optimizer = make_optimizer(model, s)
     params = [p for p in model.parameters() if p.requires_grad]
     log(f"parameters: {sum(p.numel() for p in model.parameters()):,} in all, "

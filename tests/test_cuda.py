@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from digseg import DiGSeg
+from digseg import DiGSeg, prepare_image, size_multiple
+from model.cuda import tune_for_cuda
 from model.diffusion import add_noise, ddim_sample, ddim_timesteps, multires_noise, scaled_linear_alphas_cumprod
 
 DEVICE = os.environ.get("DIGSEG_TEST_DEVICE", "cuda")
@@ -106,7 +107,7 @@ def test_segment_in_half_precision_matches_fp32(tiny_model, tmp_path, dtype, tol
     p16 = half.segment(image, ["circle", "star"], ensemble=2, steps=2)
     assert p16.dtype == torch.float32 and torch.isfinite(p16).all()
     assert (p16 - p32).abs().max().item() < tol
-    tuned = DiGSeg.from_checkpoint(tmp_path / "ckpt", device=DEVICE).eval().tune_for_cuda(frozen_dtype=torch.bfloat16)
+    tuned = tune_for_cuda(DiGSeg.from_checkpoint(tmp_path / "ckpt", device=DEVICE).eval(), frozen_dtype=torch.bfloat16)
     assert (tuned.segment(image, ["circle", "star"], ensemble=2, steps=2) - p32).abs().max().item() < 0.05   # bf16 VAE
 
 
@@ -160,7 +161,7 @@ def test_segments_denoising_loop_makes_no_host_synchronisation(tiny_model):
     model = copy.deepcopy(tiny_model).to(DEVICE).eval()
     image = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with torch.no_grad():
-        z_x = model.encode_image(model.prepare_image(image)[0])
+        z_x = model.encode_image(prepare_image(image, 32, size_multiple(model.vae, model.unet))[0].to(DEVICE))
         ctx = model.context(["a photo of a circle.", "a photo of a star."])
         z_T = torch.randn(3, *z_x.shape[1:], generator=torch.Generator().manual_seed(1)).to(DEVICE)
         torch.cuda.synchronize()

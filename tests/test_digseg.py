@@ -6,7 +6,13 @@ import pytest
 import torch
 from PIL import Image
 
-from digseg import DiGSeg, aggregate, binary_mask, select_candidates, trainable_parameter_names, widen_conv_in
+from digseg import (ClassProposer, DiGSeg, aggregate, binary_mask, cross_attention_maps, prepare_image, select_candidates,
+                    size_multiple, trainable_parameter_names, widen_conv_in)
+
+
+def prepared(model, image):
+    """The (1, 3, H', W') image segment() encodes."""
+    return prepare_image(image, model.cfg.resolution, size_multiple(model.vae, model.unet))[0]
 
 
 def test_widened_conv_in_reproduces_the_pretrained_response(tiny_model):
@@ -111,7 +117,7 @@ def test_stochastic_ddim_keeps_each_members_noise_whatever_the_batching(tiny_mod
 
 def test_ensemble_averages_latents_not_pixels(tiny_model):
     img = torch.rand(3, 32, 32) * 2 - 1
-    z_x = tiny_model.encode_image(tiny_model.prepare_image(img)[0])
+    z_x = tiny_model.encode_image(prepared(tiny_model, img))
     ctx = tiny_model.context(["a photo of a ring."])
     noise = torch.stack([torch.randn(z_x.shape[1:], generator=torch.Generator().manual_seed(e)) for e in range(2)])
     z0 = tiny_model.denoise(z_x, noise, ctx.expand(2, -1, -1), 1, "trailing")
@@ -218,7 +224,7 @@ def test_cross_attention_maps_are_probabilities_over_the_prompt_and_change_nothi
     image = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
     with torch.no_grad():
         plain = tiny_model.segment(image, ["circle", "bar"], ensemble=1, steps=2)
-        with tiny_model.cross_attention_maps() as maps:
+        with cross_attention_maps(tiny_model.unet) as maps:
             recorded = tiny_model.segment(image, ["circle", "bar"], ensemble=1, steps=2)
     assert torch.equal(plain, recorded)
     assert set(maps) == {n for n, _ in tiny_model.unet.named_modules() if n.endswith("attn2")}
@@ -259,7 +265,7 @@ def test_a_separate_proposal_clip_proposes_and_the_conditioner_stays(tiny_paths,
     assert all(abs(theirs[c]["global"] - expected[c]["global"]) < 1e-5 for c in vocab)
     assert any(abs(theirs[c]["global"] - own[c]["global"]) > 1e-3 for c in vocab)
     assert torch.equal(model.context(["a photo of a circle."]), ctx)  # the conditioner is unchanged
-    assert not any(n.startswith("proposal_clip") for n, p in model.named_parameters() if p.requires_grad)
+    assert not any(n.startswith("proposer") for n, p in model.named_parameters() if p.requires_grad)
 
 
 def test_text_scales_paper_keeps_the_text_at_one_quarter_and_one_eighth():
@@ -340,7 +346,7 @@ def test_pooled_text_embedding_is_one_context_token(tiny_paths, tmp_path):
     m.save(tmp_path / "p")
     assert DiGSeg.from_checkpoint(tmp_path / "p").cfg.text_embedding == "pooled"
     assert DiGSeg.from_weights(*tiny_paths, resolution=32).context(["a star"]).shape[1] == 77
-    with pytest.raises(ValueError, match="text_embedding='words'"):
+    with pytest.raises(ValueError, match="unknown text_embedding 'words'"):
         DiGSeg.from_weights(*tiny_paths, text_embedding="words")
 
 
@@ -359,14 +365,14 @@ def test_the_denoising_loop_and_the_proposals_read_nothing_back_from_the_device(
             return func(*args, **(kwargs or {}))
 
     image = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    z_x = tiny_model.encode_image(tiny_model.prepare_image(image)[0])
+    z_x = tiny_model.encode_image(prepared(tiny_model, image))
     ctx = tiny_model.context(["a photo of a circle.", "a photo of a star."])
     z_T = torch.randn(3, *z_x.shape[1:], generator=torch.Generator().manual_seed(1))
     with torch.no_grad(), Reads():
         tiny_model.denoise_pairs(z_x, ctx, z_T, 4, "trailing", 0.0, None, batch_size=4)
     assert Reads.count == 0
     vocab = [f"class {i}" for i in range(20)]
-    tiny_model.vocabulary_embeddings(tuple(vocab), "A photo of a {}.")
+    tiny_model.proposer.text_embeddings(tuple(vocab), "A photo of a {}.")
     with Reads():
         tiny_model.propose_classes(Image.fromarray((np.random.default_rng(0).random((32, 48, 3)) * 255).astype(np.uint8)),
                                    vocab, tau_global=-1.0)
@@ -393,14 +399,9 @@ def test_proposals_see_content_at_the_edge_of_a_wide_image(tiny_model):
     pixels = np.full((64, 128, 3), 128, np.uint8)
     pixels[24:40, :12] = (255, 0, 0)
     image = Image.fromarray(pixels)
-    saved = tiny_model.proposal_clip, tiny_model.vocabulary_embeddings
-    tiny_model.proposal_clip = ColourCLIP()
-    tiny_model.vocabulary_embeddings = lambda vocab, template: torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
-    try:
-        classes, scores = tiny_model.propose_classes(image, ["red thing", "not red"], tau_global=1.1, tau_patch=0.5)
-    finally:
-        tiny_model.proposal_clip = saved[0]
-        del tiny_model.vocabulary_embeddings
+    proposer = ClassProposer(ColourCLIP())
+    proposer.text_embeddings = lambda vocab, template: torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
+    classes, scores = proposer(image, ["red thing", "not red"], tau_global=1.1, tau_patch=0.5)
     assert classes == ["red thing"] and scores["red thing"]["patch"] > 0.5
 
 
@@ -495,7 +496,7 @@ def test_an_e2e_checkpoint_segments_in_its_one_step(tiny_paths, tmp_path):
     image = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     probs = m.segment(image, ["star"], ensemble=1)
     with torch.no_grad():
-        z_x = m.encode_image(m.prepare_image(image)[0])
+        z_x = m.encode_image(prepared(m, image))
         z0 = m.denoise(z_x, torch.zeros_like(z_x), m.context(["a photo of a star."]), 1, "trailing")
         assert torch.allclose(probs, m.decode_mask(z0).clamp(0, 1), atol=1e-6)
     with pytest.warns(UserWarning, match="identical"):

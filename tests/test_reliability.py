@@ -17,6 +17,7 @@ import sample
 import train
 from digseg import DiGSeg
 from launch import UsageError
+from model.checkpoint import digest as checkpoint_digest
 from model.weights import WeightsError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,7 +79,7 @@ def test_eval_with_other_settings_starts_fresh(ckpt, tmp_path, capsys, change):
 def test_eval_default_output_folder_is_per_checkpoint_and_dataset(ckpt, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     evaluation.main([f"--checkpoint={ckpt}", "--dataset=toy", "--limit=1", "--proposals=0"])
-    digest = DiGSeg.checkpoint_digest(ckpt)
+    digest = checkpoint_digest(ckpt)
     written = tmp_path / "out" / "eval" / f"run-{digest[:8]}" / "toy-val" / "metrics_main.json"
     assert json.load(open(written))["key"]["checkpoint"] == digest
 
@@ -219,7 +220,7 @@ def test_cuda_on_a_cpu_build_is_a_clear_error():
 def test_bad_inference_settings_and_configs(tiny_model, ckpt):
     with pytest.raises(ValueError, match="ensemble size E must be an integer >= 1, got 0"):
         tiny_model.segment(torch.zeros(3, 32, 32), ["circle"], ensemble=0)
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError, match="--ensemble=0: expected an integer >= 1"):
         evaluation.parse(["--ensemble=0"])
     cfg = json.load(open(ckpt / "digseg.json"))
     json.dump({**cfg, "colour": "blue"}, open(ckpt / "digseg.json", "w"))

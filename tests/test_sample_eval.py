@@ -302,4 +302,4 @@ def test_fig7_ensemble_study_and_the_papers_defaults_in_help(checkpoint, tmp_pat
     with pytest.raises(SystemExit):
         evaluation.main(["--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    assert "the paper ensembles E = 8" in help_text and "8 x 2" in help_text
+    assert 'the paper: 8 "unless otherwise stated"' in help_text and "E x S = 8 x 2" in help_text
