@@ -174,8 +174,12 @@ def bench_clip():
 class FixedText(torch.nn.Module):
     """A stand-in for the frozen CLIP text tower in the method benchmarks, which time the U-Net and VAE."""
 
+    def __init__(self, width=768):
+        super().__init__()
+        self.width = width
+
     def forward(self, ids):
-        return torch.randn(len(ids), 77, 768, generator=torch.Generator().manual_seed(0)).to(ids.device)
+        return torch.randn(len(ids), 77, self.width, generator=torch.Generator().manual_seed(0)).to(ids.device)
 
 
 class FixedTokenizer:
@@ -234,6 +238,92 @@ def bench_train():
     for k, (t, n) in times.items():
         print(f"training step, SD2 config, 512^2, batch 1, trainable={k:5s} ({n:,} parameters): {t:.1f} s")
     print(f"paper / all step time: {times['paper'][0] / times['all'][0]:.2f}")
+
+
+def objective_step(shapes, objective, decoder_checkpointing, batch, size, device="cpu", steps=3):
+    """(median seconds, peak memory in GiB) of one training step (loss, backward, AdamW) of the
+    diffusion or e2e objective, at the toy's or SD2-base's shapes, random weights, fp32 on the CPU
+    or bf16 autocast on CUDA. CPU memory: the peak RSS of a fresh process (objective_cost)."""
+    from digseg import DiGSeg, DiGSegConfig, TextMLP, widen_conv_in
+    from model.unet import PRESETS as UNETS, UNet2DCondition
+    from model.vae import PRESETS as VAES, AutoencoderKL
+    torch.manual_seed(0)
+    name, width = ("toy", 64) if shapes == "toy" else ("sd2-base", 768)
+    with torch.device(device):
+        unet, vae = UNet2DCondition(UNETS[name]), AutoencoderKL(VAES[name])
+        mlp = TextMLP(width, unet.config.cross_attention_dim)
+    widen_conv_in(unet)
+    cfg = DiGSegConfig(target="v_prediction", objective=objective)
+    model = DiGSeg(cfg, unet, vae, 0.18215, FixedText(width), FixedTokenizer(), mlp).train()
+    model.decoder_checkpointing = decoder_checkpointing
+    if device == "cuda":
+        tune_for_cuda(model, frozen_dtype=torch.bfloat16)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
+    image = torch.rand(batch, 3, size, size, device=device) * 2 - 1
+    mask = (torch.rand(batch, size, size, device=device) > 0.5).float()
+
+    def step():
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            loss = model.loss(image, mask, ["a photo of a cat."] * batch,
+                              [torch.Generator().manual_seed(i) for i in range(batch)])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()                                        # warm-up, and AdamW's state
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    seconds = median_seconds([step], runs=steps)[0]
+    return seconds, torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+
+
+OBJECTIVE_COST = PEAK_RSS + """
+import sys
+from bench import objective_step
+base = peak_rss()
+shapes, objective, ckpt, batch, size = sys.argv[1], sys.argv[2], sys.argv[3] == "1", int(sys.argv[4]), int(sys.argv[5])
+seconds, _ = objective_step(shapes, objective, ckpt, batch, size)
+print(seconds, peak_rss() - base)
+"""
+
+
+def objective_cases(device):
+    if device == "cpu":        # the toy preset's step, and SD2-base at 256^2 (512^2 on a CPU takes minutes a step)
+        return [("toy", obj, ckpt, 16, 48) for obj, ckpt in (("diffusion", 0), ("e2e", 0), ("e2e", 1))] + \
+               [("sd2", obj, ckpt, 1, 256) for obj, ckpt in (("diffusion", 0), ("e2e", 0), ("e2e", 1))]
+    return [("sd2", obj, ckpt, batch, 512) for batch in (2, 8, 16) for obj, ckpt in
+            (("diffusion", 0), ("e2e", 0), ("e2e", 1))]
+
+
+def bench_e2e(device="cpu"):
+    """The e2e objective's training step beside the diffusion objective's (the paper's), with and
+    without gradient checkpointing through the decoder: seconds per step and peak memory. On the CPU
+    each case runs in a fresh process (peak RSS); on CUDA in this one (max allocated)."""
+    where = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"\ntraining step by objective ({where}; fp32 on the CPU, bf16 autocast on CUDA; median of 3 steps)")
+    base = {}
+    for shapes, objective, ckpt, batch, size in objective_cases(device):
+        if device == "cuda":
+            try:
+                seconds, peak = objective_step(shapes, objective, bool(ckpt), batch, size, "cuda")
+            except torch.OutOfMemoryError:
+                print(f"  {shapes} {size}^2 batch {batch} {objective} checkpointing={ckpt}: out of memory")
+                continue
+            torch.cuda.empty_cache()
+        else:
+            out = subprocess.run([sys.executable, "-c", OBJECTIVE_COST, shapes, objective, str(ckpt), str(batch), str(size)],
+                                 check=True, capture_output=True, text=True,
+                                 cwd=os.path.dirname(os.path.abspath(__file__))).stdout.split()
+            seconds, peak = float(out[-2]), int(out[-1]) / 2**30
+        key = (shapes, batch, size)
+        base.setdefault(key, seconds)
+        print(f"  {shapes:3s} {size:3d}^2 batch {batch:2d} {objective:9s} decoder checkpointing={ckpt}: "
+              f"{seconds * 1000:8.1f} ms/step ({seconds / base[key]:4.2f}x diffusion), {batch / seconds:6.1f} img/s, "
+              f"peak {peak:5.2f} GiB", flush=True)
+
+
+def bench_cuda_e2e():
+    bench_e2e("cuda")
 
 
 def sd2_digseg(device, trainable="all"):
@@ -438,9 +528,9 @@ def bench_cuda_profile():
         show("segment() E=1 S=1 one class, fp32 weights (profile)", lambda: model.segment(image1, ["cat"], ensemble=1, steps=1))
 
 
-SECTIONS = {"sd2": bench_sd2, "clip": bench_clip, "digseg": bench_digseg, "train": bench_train}
+SECTIONS = {"sd2": bench_sd2, "clip": bench_clip, "digseg": bench_digseg, "train": bench_train, "e2e": bench_e2e}
 CUDA_SECTIONS = {"unet": bench_cuda_unet, "segment": bench_cuda_segment, "train": bench_cuda_train,
-                 "choices": bench_cuda_choices, "profile": bench_cuda_profile}
+                 "choices": bench_cuda_choices, "profile": bench_cuda_profile, "e2e": bench_cuda_e2e}
 SECTIONS_HELP = f"\nSections: CPU {', '.join(SECTIONS)}; CUDA {', '.join(CUDA_SECTIONS)}."
 
 

@@ -579,7 +579,7 @@ def image_size(path):
 
 
 def progress(done, total, what):
-    """A live progress line on a terminal; every 10 % in a log file."""
+    """A live progress line on a terminal; a line per tenth of the work in a log file."""
     if sys.stdout.isatty():
         print(f"\r{what}: {done}/{total}", end="\n" if done == total else "", flush=True)
     elif done == total or done % max(1, total // 10) == 0:
@@ -759,8 +759,8 @@ def toy_scene(seed, index, size=64):
 
     A class is told by its shape and by its hue family (TOY_HUES, jittered, with random saturation
     and brightness): with random colours the tiny from-scratch models that must learn this world
-    in minutes recognise shapes too slowly (a toy CLIP stayed at chance presence accuracy after
-    600 steps, and DiGSeg on top reached a val mIoU of 0.09 with 1500 steps)."""
+    in minutes recognise shapes too slowly (with random colours the toy CLIP stayed at chance:
+    docs/results.md, "The toy world")."""
     rng = np.random.default_rng([seed, index])
     yy, xx = np.mgrid[0:size, 0:size] / size
     c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
@@ -861,8 +861,8 @@ class ToyTrain(ToyScenes):
     visible in the crop, as TrainSet draws it after its crop.
 
     Crops are how the paper trains too (512 px crops of larger images, inference on whole ones);
-    for the toy they are a matter of time: the toy preset trains on 48 px crops, 0.56 of a scene's
-    pixels, and DiGSeg segments whole 64 px scenes as well as when trained on them (train.py)."""
+    for the toy they are a matter of time: the toy preset trains on 48 px crops, a bit over half a
+    scene's pixels, and segments whole 64 px scenes as well as when trained on them (docs/results.md)."""
 
     def __init__(self, split, size=64, n=None, template="a photo of a {}.", p_absent=0.0, fraction=1.0, seed=0):
         super().__init__(split, size=TOY_SIZE, n=n, fraction=fraction, seed=seed)

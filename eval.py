@@ -117,7 +117,7 @@ def evaluate(model, ds, args, key, tag, rank=0, world=1):
     (len(taus), C, 4): intersection, union, |P|, |G| pooled over images, at each threshold tau of
     `taus` (TAUS for --study=tau, else --tau alone), images/s). The partial result is saved every
     --save_every images under a name that holds the key's digest, with the seconds spent on it, so
-    that a resumed or reused result reports the speed it was computed at (not 0 images/s)."""
+    that a resumed or reused result reports the speed it was computed at (not zero)."""
     C, taus = len(ds.class_names), study_taus(args)
     key_id = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     partial = os.path.join(args.out, f"partial_{tag}_{key_id}_rank{rank}of{world}.pt")
@@ -144,7 +144,7 @@ def evaluate(model, ds, args, key, tag, rank=0, world=1):
             torch_save_atomic({"cm": torch.from_numpy(cm), "counts": torch.from_numpy(counts), "done": done,
                                "key": key, "seconds": seconds + time.time() - t0}, partial)
         if rank == 0 and (sys.stdout.isatty() or (j + 1) % max(1, len(todo) // 10) == 0 or j + 1 == len(todo)):
-            rate = (j + 1) / (time.time() - t0)      # a live line on a terminal, every 10 % in a log file
+            rate = (j + 1) / (time.time() - t0)      # a live line on a terminal, a line per tenth in a log file
             print(f"\r[{tag}] {j + 1}/{len(todo)} images | {rate:.2f} img/s | "
                   f"ETA {(len(todo) - j - 1) / max(rate, 1e-9) / 60:.1f} min", end="" if sys.stdout.isatty() else "\n",
                   flush=True)

@@ -14,11 +14,11 @@ Each stage records its settings in <its folder>/toy_stage.json and is skipped wh
 (delete out/toy to start over); a stage whose settings changed is rebuilt, and the stages after it.
 DIGSEG_TOY_QUICK=1 (the tests, and notebooks under test) builds a quick world with few steps.
 
-Precision: on a CPU that computes bf16 in hardware (AVX512-BF16 or AMX, launch.cpu_has_native_bf16)
-DiGSeg's fine-tuning, the longest stage, trains under bf16 autocast over fp32 weights, as the
-paper's presets do on GPUs: on 2 cores the stage takes 10-20 % less time. Elsewhere, where torch
-emulates bf16 far slower than fp32, it trains in fp32. --dtype=fp32 or bf16 overrides the choice;
-it is part of stage 3's record. The pretraining stages train in fp32 on every CPU.
+Precision: DiGSeg's fine-tuning, the longest stage, trains under bf16 autocast over fp32 weights,
+as the paper's presets do, where bf16 is computed natively: on a GPU, or on a CPU with AVX512-BF16
+or AMX (launch.cpu_has_native_bf16); there it is the faster choice. Elsewhere torch emulates bf16
+far slower than fp32, so it trains in fp32. --dtype=fp32 or bf16 overrides the choice; it is part
+of stage 3's record. The pretraining stages train in fp32 everywhere (docs/results.md).
 """
 import json
 import os
@@ -35,8 +35,8 @@ import data
 from digseg import DiGSeg, mask_to_image
 from launch import POSITIVE, cpu_has_native_bf16, parse_settings, run
 from model.clip import CLIP, MEAN, STD, CLIPConfig, CLIPTextConfig, CLIPVisionConfig, train_bpe
-from model.unet import UNet2DCondition, UNetConfig
-from model.vae import AutoencoderKL, VAEConfig
+from model.unet import PRESETS as UNET_PRESETS, UNet2DCondition
+from model.vae import PRESETS as VAE_PRESETS, AutoencoderKL
 from model.diffusion import add_noise, ddim_sample, ddim_timesteps, scaled_linear_alphas_cumprod, velocity
 from model.weights import file_digest, load_clip, load_sd2, save_clip_folder, save_sd2_folder, write_text_atomic
 from plot import image_grid, line_plot
@@ -45,17 +45,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 # ---- the tiny models: same classes as SD2 and CLIP, small configurations -----------------------
 
-TOY_VAE = VAEConfig(in_channels=3, out_channels=3, block_out_channels=(16, 32, 32), layers_per_block=1,
-                    latent_channels=4, norm_num_groups=8, scaling_factor=1.0)          # 64 px -> 16 x 16 latent
-TOY_UNET = UNetConfig(in_channels=4, out_channels=4, block_out_channels=(64, 128), layers_per_block=1,
-                      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-                      heads=(2, 4), cross_attention_dim=128, norm_num_groups=16)
+TOY_VAE, TOY_UNET = VAE_PRESETS["toy"], UNET_PRESETS["toy"]     # 64 px -> 16 x 16 x 4 latent; a 2-level U-Net
 TOY_CLIP_TEXT = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
                      max_position_embeddings=77, hidden_act="quick_gelu")
 TOY_CLIP_VISION = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
                        image_size=64, patch_size=8, hidden_act="quick_gelu")
-VAE_BATCH = 16              # stage 1's batch of 32 px crops (was 32: same quality, measured in pretrain_vae)
+VAE_BATCH = 16              # stage 1's batch of 32 px crops (batch 32 is no better: docs/results.md)
 TEMPLATES = ("a photo of a {}.", "a {}.", "a picture of a {}.", "a {} shape.", "the {}.")
 
 
@@ -100,14 +95,9 @@ def pretrain_vae(steps, batch=VAE_BATCH, crop=32, seed=0):
 
     Trained on random crop x crop windows: the VAE is convolutional (its one attention layer works
     at any size), so like SD's VAE (trained at 256 px, used at 512) it transfers to whole scenes,
-    and a 32 px crop costs a quarter of a 64 px scene. Measured on 64 toy val scenes: 500 steps on
-    whole scenes gave a mean reconstruction error of 21/255 (40/255 on the shapes: small shapes
-    were smeared away, so the U-Net could not see them); 2000 steps on 32 px crops, in about the
-    same time (110 s), 7/255 (15/255 on the shapes). toy.py runs 1500 steps at batch 16 (VAE_BATCH):
-    on 256 val scenes, fp32, image error 9.8/255 and masks round-tripped at IoU 0.93, as at batch
-    32 (a bf16 world: 9.7/255, 0.92), in 101 s instead of ~170 s; steps matter more than the batch (1000
-    steps at batch 32: 13/255, 0.91). In fp32 on every CPU: under bf16 autocast at batch 16 the
-    error was 15.8/255, and DiGSeg on that VAE reached 0.668 instead of 0.789 (seed 0)."""
+    and a 32 px crop costs a quarter of a 64 px scene; in the same time, crops reconstruct small
+    shapes that whole scenes smeared away. fp32 on every CPU: under bf16 autocast the VAE, and
+    DiGSeg on top of it, came out worse. Both measured in docs/results.md ("The toy world")."""
     torch.manual_seed(seed)
     vae = AutoencoderKL(TOY_VAE)
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0, fused=True)
@@ -296,8 +286,7 @@ def build_world(out="out/toy", vae_steps=1500, clip_steps=600, train_steps=1600,
 
 
 def build_bases(out, vae_steps, clip_steps):
-    """Stages 1 (the VAE, 1.7 min) and 2 (CLIP, 30 s), the pretrained pieces, in fp32:
-    -> (SD2 folder, CLIP folder)."""
+    """Stages 1 (the VAE) and 2 (CLIP), the pretrained pieces, in fp32: -> (SD2 folder, CLIP folder)."""
     sd2_dir, clip_dir = os.path.join(out, "sd2"), os.path.join(out, "clip")
     stage1, stage2 = {"vae_steps": vae_steps, "vae_batch": VAE_BATCH}, {"clip_steps": clip_steps}
     if not stage_is_built(sd2_dir, stage1):
@@ -376,9 +365,9 @@ def notebook_world(real=None):
 STUDY_SCENES = (50, 200, 1000, 20000)            # labelled training scenes: the paper's Fig. 6 fractions in small
 
 
-# The study's runs were measured (README) with half of the samples at t = T-1, the toy preset's
-# value then, in fp32, on whole 64 px scenes; pinned here so that its cached runs and new ones
-# agree whatever the preset and the CPU say.
+# The prior study's table (docs/results.md) was measured with half of the samples at t = T-1, in
+# fp32, on whole 64 px scenes; pinned here, so that its cached runs and new ones agree whatever
+# the preset and the CPU say.
 STUDY_T_MAX_SHARE = 0.5
 STUDY_DTYPE = "fp32"
 STUDY_SIZE = 64

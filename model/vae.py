@@ -62,7 +62,9 @@ class VAEConfig:
             json.dump(self.to_dict(), f, indent=2)
 
 
-PRESETS = {"sd2-base": VAEConfig(), "sd2-768-v": VAEConfig(sample_size=768)}
+PRESETS = {"sd2-base": VAEConfig(), "sd2-768-v": VAEConfig(sample_size=768),
+           # toy.py's world: 64 px scenes -> 16 x 16 x 4 latents; its scale is set after training (1 / std)
+           "toy": VAEConfig(block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8, scaling_factor=1.0)}
 
 
 def _read_json(path_or_dict):
