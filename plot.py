@@ -60,6 +60,44 @@ def line_plot(path, series, title="", xlabel="", ylabel="", size=(640, 420), log
     return img
 
 
+def bar_plot(path, groups, series, title="", ylabel="", size=(760, 420)):
+    """Grouped bars with whiskers: groups = the bars' labels along x; series = {label: [(mean, low,
+    high) per group]} (nan: no bar). One PNG, the legend top left, values written above the bars."""
+    W, H = size
+    left, right, top, bottom = 56, 16, 40, 64
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    values = [v for bars in series.values() for m, lo, hi in bars for v in (lo, hi) if np.isfinite(v)]
+    y0 = min([0.0] + values)
+    y1 = 1.0 if not values or max(values) <= 1 else max(values) * 1.08
+    py = lambda v: H - bottom - (v - y0) / (y1 - y0) * (H - top - bottom)
+    d.rectangle([left, top, W - right, H - bottom], outline="black")
+    for i in range(5):
+        v = y0 + (y1 - y0) * i / 4
+        d.line([left - 4, py(v), left, py(v)], fill="black")
+        d.text((4, py(v) - 5), _fmt(v), fill="black")
+    slot = (W - left - right) / len(groups)
+    bar = slot * 0.8 / len(series)
+    for k, (label, bars) in enumerate(series.items()):
+        c = COLOURS[k % len(COLOURS)]
+        d.rectangle([left + 8 + 150 * k, top - 24, left + 20 + 150 * k, top - 14], fill=c)
+        d.text((left + 24 + 150 * k, top - 26), str(label), fill="black")
+        for g, (m, lo, hi) in enumerate(bars):
+            if not np.isfinite(m):
+                continue
+            x = left + slot * g + slot * 0.1 + bar * k
+            d.rectangle([x, py(m), x + bar - 2, py(y0)], fill=c)
+            d.line([x + bar / 2 - 1, py(lo), x + bar / 2 - 1, py(hi)], fill="black", width=1)
+            d.text((x, py(hi) - 11), f"{m:.2f}", fill="black")
+    for g, name in enumerate(groups):
+        for j, line in enumerate(str(name).split("\n")):
+            d.text((left + slot * g + 4, H - bottom + 6 + 12 * j), line, fill="black")
+    d.text((W // 2 - 3 * len(title), 4), title, fill="black")
+    d.text((4, top - 14), ylabel, fill="black")
+    img.save(path)
+    return img
+
+
 def image_grid(path, images, labels=None, cols=None, cell=128):
     """images: list of (H, W) or (H, W, 3) arrays, uint8 in [0, 255] or float in [0, 1]. One PNG."""
     n = len(images)

@@ -416,6 +416,199 @@ def study_prior(out, args):
     return results
 
 
+# ---- beyond the paper: the e2e objective at toy scale (--study=e2e) ---------------------------------
+
+E2E_STEP_COST = 1.35        # an e2e step / a diffusion step at the toy preset (bench.py --only=e2e; docs/results.md)
+E2E_SCENES = (20000, 200)   # labelled training scenes: all of them, and few
+# The rows: (name, what it is, train.py flags, base, share of the step budget). Each row runs at the
+# study's step budget N ("equal steps") and, for the e2e rows, also at the e2e steps that cost what
+# N diffusion steps cost ("-time": equal wall time, E2E_STEP_COST). "ontop" fine-tunes the preset's
+# run of half the budget ("preset-half") end to end for the other half, Garcia et al.'s "E2E FT on top".
+E2E_ROWS = [
+    ("paper", "the paper's objective,\nuniform t", ["--t_max_share=0"], "scratch", 1.0),
+    ("preset", "the toy preset,\n3/4 at t = T-1", [], "scratch", 1.0),
+    ("e2e", "e2e from scratch", ["--objective=e2e"], "scratch", 1.0),
+    ("e2e-mse", "e2e, pixel MSE", ["--objective=e2e", "--mask_loss=mse"], "scratch", 1.0),
+    ("prior-e2e", "e2e from the\ntext-to-image prior", ["--objective=e2e"], "prior", 1.0),
+    ("ontop", "e2e on top of\nthe preset (1/2 + 1/2)", ["--objective=e2e"], "preset-half", 0.5),
+]
+
+
+def study_e2e(out, args):
+    """Beyond the paper, at toy scale: the e2e objective (digseg.e2e_loss) against the paper's, 3 seeds
+    each, on all labelled scenes and on 200, at equal steps and at equal wall time; the error budget
+    of the best of each kind (where the mIoU between them and the VAE's ceiling goes); overlays of
+    each row's predictions. Runs study_jobs trainings at a time, one CPU thread each. Writes
+    <out>/e2e/results.json, e2e.png, predictions.png and errors.json."""
+    from concurrent.futures import ThreadPoolExecutor
+    sd2_dir, clip_dir = build_bases(out, args.vae_steps, args.clip_steps)
+    bases = {"scratch": sd2_dir, "prior": build_prior(out, sd2_dir, clip_dir,
+                                                      pretraining_record(args.vae_steps, args.clip_steps, args.prior_steps))}
+    folder, N = os.path.join(out, "e2e"), args.e2e_steps
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def run_dir(row, scenes, seed, budget):
+        return os.path.join(folder, f"{row}-{budget}-{scenes}-seed{seed}")
+
+    def finetune(job):
+        row, flags, base, steps, scenes, seed, budget = job
+        run = run_dir(row, scenes, seed, budget)
+        if os.path.isfile(os.path.join(run, "eval", "metrics_main.json")):
+            return
+        init = [f"--init={run_dir('preset-half', scenes, seed, 'steps')}/checkpoint"] if base == "preset-half" else \
+            [f"--sd2={bases[base]}"]
+        os.makedirs(run, exist_ok=True)
+        with open(os.path.join(run, "log.txt"), "w") as f:
+            start = time.time()
+            for script, argv in (("train.py", ["--preset=toy", *init, f"--clip={clip_dir}", f"--max_steps={steps}",
+                                               f"--fraction={scenes / 20000}", f"--seed={seed}", f"--out_dir={run}",
+                                               "--overwrite=1", "--log_every=200", "--dtype=fp32", *flags]),
+                                 ("eval.py", [f"--checkpoint={run}/checkpoint", "--dataset=toy", "--proposals=0",
+                                              f"--limit={args.val_images}", f"--out={run}/eval"])):
+                if subprocess.run([sys.executable, os.path.join(HERE, script), *argv], env=env, stdout=f,
+                                  stderr=subprocess.STDOUT).returncode != 0:
+                    raise SystemExit(f"toy: {script} of {run} failed; its log: {run}/log.txt")
+                if script == "train.py":
+                    write_text_atomic(os.path.join(run, "train_seconds.txt"), f"{time.time() - start:.1f}\n")
+        log(f"e2e study: {os.path.basename(run)} done")
+
+    cells = [(scenes, seed) for scenes in E2E_SCENES for seed in range(args.study_seeds)]
+    wave1 = [("preset-half", [], "scratch", N // 2, scenes, seed, "steps") for scenes, seed in cells]
+    wave2 = []
+    for row, _, flags, base, share in E2E_ROWS:
+        e2e = "--objective=e2e" in flags
+        for budget, steps in (("steps", round(N * share)), ("time", round(N * share / E2E_STEP_COST))):
+            if budget == "time" and not e2e:
+                continue                                  # a diffusion row costs the same at equal steps and time
+            jobs = [(row, flags, base, steps, scenes, seed, budget) for scenes, seed in cells
+                    if not (row == "e2e-mse" and scenes != E2E_SCENES[0])]
+            (wave2 if base == "preset-half" else wave1).extend(jobs)
+    log(f"e2e study: {len(wave1) + len(wave2)} fine-tunings of up to {N} steps, {args.study_jobs} at a time")
+    for wave in (wave1, wave2):
+        with ThreadPoolExecutor(args.study_jobs) as pool:
+            list(pool.map(finetune, wave))
+
+    def score(row, scenes, budget):
+        runs = [run_dir(row, scenes, seed, budget) for seed in range(args.study_seeds)]
+        if not os.path.isdir(runs[0]):
+            return None
+        miou = [json.load(open(os.path.join(r, "eval", "metrics_main.json")))["miou_gt"] for r in runs]
+        seconds = [float(open(os.path.join(r, "train_seconds.txt")).read()) for r in runs]
+        steps = json.load(open(os.path.join(runs[0], "checkpoint", "progress.json")))["step"]
+        first = N // 2 if row == "ontop" else 0           # the preset's steps it started from
+        return {"miou": miou, "mean": float(np.mean(miou)), "steps": steps + first, "steps_on_top": steps if first else None,
+                "train_seconds": seconds}
+
+    results = {"steps": N, "e2e_step_cost": E2E_STEP_COST, "val_images": args.val_images, "seeds": args.study_seeds,
+               "rows": {f"{row}-{budget}": {str(n): score(row, n, budget) for n in E2E_SCENES}
+                        for row, *_ in E2E_ROWS for budget in ("steps", "time")}}
+    results["rows"] = {k: v for k, v in results["rows"].items() if any(v.values())}
+    best = {kind: max((k for k in results["rows"] if k.startswith(prefix)),
+                      key=lambda k: results["rows"][k][str(E2E_SCENES[0])]["mean"])
+            for kind, prefix in (("diffusion", ("paper", "preset")), ("e2e", ("e2e", "prior", "ontop")))}
+    results["errors"] = {}
+    for kind, key in best.items():                    # seed 0 of the best row of each kind, on all scenes
+        row, budget = key.rsplit("-", 1)
+        results["errors"][kind] = error_budget(os.path.join(run_dir(row, E2E_SCENES[0], 0, budget), "checkpoint"),
+                                               args.val_images)
+    results["errors"]["vae_ceiling"] = vae_ceiling(sd2_dir, args.val_images)
+    write_text_atomic(os.path.join(folder, "results.json"), json.dumps(results, indent=2))
+    e2e_figures(folder, results, run_dir)
+    for key, row in results["rows"].items():
+        log(f"{key:18s} " + "  ".join(f"{n} scenes: {row[str(n)]['mean']:.3f} ({', '.join(f'{m:.3f}' for m in row[str(n)]['miou'])}; "
+                                      f"{row[str(n)]['steps']} steps)" for n in E2E_SCENES if row[str(n)]))
+    log(f"results in {folder}/results.json, e2e.png, predictions.png")
+    return results
+
+
+def e2e_figures(folder, results, run_dir):
+    """e2e.png: each row's mean mIoU (whiskers: worst and best seed) by labelled scenes; predictions.png:
+    four validation scenes segmented by seed 0 of each row on all scenes, under the ground truth."""
+    from plot import bar_plot, overlay
+    keys = list(results["rows"])
+    what = {row: text for row, text, *_ in E2E_ROWS}
+    labels = [what[k.rsplit("-", 1)[0]] + ("\n(equal time)" if k.endswith("-time") else "") for k in keys]
+    series = {}
+    for n in E2E_SCENES:
+        cells = [results["rows"][k][str(n)] for k in keys]
+        series[f"{n} labelled scenes"] = [(c["mean"], min(c["miou"]), max(c["miou"])) if c else (float("nan"),) * 3
+                                          for c in cells]
+    bar_plot(os.path.join(folder, "e2e.png"), labels, series,
+             title=f"toy val mIoU, E = 1, S = 1, {results['seeds']} seeds; {results['steps']} steps or their time",
+             ylabel="mIoU", size=(max(760, 110 * len(keys)), 440))
+    val = data.build("toy", "", "val", evaluation=True)
+    scenes = [val[i] for i in range(4)]
+    tiles, names = [], list(data.TOY_CLASSES)
+    shown = [k for k in keys if k.endswith("-steps")]
+    for k in ["truth"] + shown:
+        if k == "truth":
+            tiles += [np.asarray(overlay(data.tensor_to_pil(x), y, names).resize((192, 128))) for x, y, _ in scenes]
+            continue
+        model = DiGSeg.from_checkpoint(os.path.join(run_dir(k.rsplit("-", 1)[0], E2E_SCENES[0], 0, "steps"),
+                                                    "checkpoint")).eval()
+        for x, _, _ in scenes:
+            labels_ = aggregate_toy(model, x)
+            tiles.append(np.asarray(overlay(data.tensor_to_pil(x), labels_, names).resize((192, 128))))
+    image_grid(os.path.join(folder, "predictions.png"), tiles,
+               [f"{k}" for k in ["ground truth"] + shown for _ in scenes], cols=len(scenes), cell=192)
+
+
+def aggregate_toy(model, image, tau_bg=0.5):
+    """The toy's labels of one scene, every class run (E = 1, S = 1)."""
+    from digseg import aggregate
+    return aggregate(model.segment(image, list(data.TOY_CLASSES), ensemble=1, steps=1), tau_bg)
+
+
+@torch.no_grad()
+def error_budget(ckpt, n, tau_bgs=(0.3, 0.4, 0.5, 0.6, 0.7)):
+    """Where a checkpoint's mIoU goes, on the first n validation scenes, every class run (E = 1, S = 1):
+    the mIoU at each background threshold tau_bg; with the classes absent from the ground truth
+    removed (what false alarms on absent classes cost); per class IoU, precision and recall; and
+    the pixels of the shapes split into found, missed (background) and taken for another class."""
+    from digseg import aggregate
+    from metrics import confusion_matrix, miou
+    model, val = DiGSeg.from_checkpoint(ckpt).eval(), data.build("toy", "", "val", evaluation=True)
+    C = len(data.TOY_CLASSES)
+    cms = {t: 0 for t in tau_bgs}
+    oracle = 0
+    for i in range(min(n, len(val))):
+        image, gt, _ = val[i]
+        probs = model.segment(image, list(data.TOY_CLASSES), ensemble=1, steps=1)
+        for t in tau_bgs:
+            cms[t] = cms[t] + confusion_matrix(aggregate(probs, t), gt, C)
+        present = torch.zeros(C, 1, 1)
+        present[[c for c in gt.unique().tolist() if c >= 0]] = 1
+        oracle = oracle + confusion_matrix(aggregate(probs * present, 0.5), gt, C)
+    cm = cms[0.5].astype(float)
+    shape_pixels = cm[:C].sum()
+    return {"checkpoint": ckpt, "scenes": min(n, len(val)),
+            "miou_by_tau_bg": {str(t): miou(cms[t])["miou_gt"] for t in tau_bgs},
+            "miou_absent_classes_removed": miou(oracle)["miou_gt"],
+            "per_class": {name: {"iou": float(miou(cms[0.5])["per_class"][c]),
+                                 "precision": float(cm[c, c] / max(cm[:, c].sum(), 1)),
+                                 "recall": float(cm[c, c] / max(cm[c].sum(), 1))} for c, name in enumerate(data.TOY_CLASSES)},
+            "shape_pixels": {"found": float(np.trace(cm[:C, :C]) / shape_pixels),
+                             "missed_as_background": float(cm[:C, C].sum() / shape_pixels),
+                             "taken_for_another_class": float((cm[:C, :C].sum() - np.trace(cm[:C, :C])) / shape_pixels)},
+            "background_taken_for_a_class": float(cm[C, :C].sum() / max(cm[C].sum(), 1))}
+
+
+@torch.no_grad()
+def vae_ceiling(sd2_dir, n):
+    """The mIoU of the ground truth itself through the toy VAE, as inference sees masks: every class's
+    mask (2y - 1) encoded and decoded, M_c its channel mean, aggregated at tau_bg = 0.5."""
+    from digseg import aggregate, image_to_mask
+    from metrics import confusion_matrix, miou
+    sd, val, C = load_sd2(sd2_dir), data.build("toy", "", "val", evaluation=True), len(data.TOY_CLASSES)
+    cm = 0
+    for i in range(min(n, len(val))):
+        _, gt, _ = val[i]
+        masks = torch.stack([(gt == c).float() for c in range(C)])                 # (C, H, W)
+        probs = image_to_mask(sd.vae.decode(sd.vae.encode(mask_to_image(masks))[0]))
+        cm = cm + confusion_matrix(aggregate(probs, 0.5), gt, C)
+    return {"scenes": min(n, len(val)), "miou": miou(cm)["miou_gt"]}
+
+
 @dataclass
 class Settings:
     out: str = "out/toy"             # the world's folder: its stages, DiGSeg, the evaluation
@@ -430,20 +623,22 @@ class Settings:
     study: str = ""                  # prior: scratch vs the text-to-image prior; e2e: the e2e objective (docs/results.md)
     study_steps: int = 600           # --study=prior: fine-tuning steps per run
     study_seeds: int = 3             # fine-tuning seeds per study cell
+    e2e_steps: int = 800             # --study=e2e: each row's step budget (equal steps; its e2e rows also at equal time)
+    study_jobs: int = 2              # --study=e2e: fine-tunings at a time, one CPU thread each
     debug: bool = False              # show the traceback of an error
 
 
 CHOICES = {"dtype": ("auto", "fp32", "bf16"), "study": ("", "prior", "e2e")}
 RANGES = {k: POSITIVE for k in ("vae_steps", "clip_steps", "train_steps", "prior_steps", "val_images", "study_steps",
-                                "study_seeds")}
+                                "study_seeds", "e2e_steps", "study_jobs")}
 
 
 def main(argv=None):
     args = parse_settings(Settings, sys.argv[1:] if argv is None else argv, __doc__, CHOICES, RANGES)
     args.dtype = default_dtype() if args.dtype == "auto" else args.dtype
     t_start = time.time()
-    if args.study == "prior":
-        study_prior(args.out, args)
+    if args.study:
+        (study_prior if args.study == "prior" else study_e2e)(args.out, args)
         log(f"study done in {(time.time() - t_start) / 60:.1f} min")
         return 0
     ckpt = build_world(args.out, args.vae_steps, args.clip_steps, args.train_steps, args.prior_steps * args.prior,
