@@ -72,7 +72,7 @@ def field_comments(cls):
             continue
         for line in inspect.getsource(klass).splitlines():
             code, _, comment = line.strip().partition("  # ")
-            if ":" in code and "=" in code and not code.startswith(("@", "class", "#")) and comment.strip():
+            if ":" in code and "=" in code and not code.startswith(("@", "class ", "#")) and comment.strip():
                 comments[code.split(":")[0].strip()] = comment.strip()
     return comments
 

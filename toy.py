@@ -420,17 +420,18 @@ def study_prior(out, args):
 
 E2E_STEP_COST = 1.35        # an e2e step / a diffusion step at the toy preset (bench.py --only=e2e; docs/results.md)
 E2E_SCENES = (20000, 200)   # labelled training scenes: all of them, and few
-# The rows: (name, what it is, train.py flags, base, share of the step budget). Each row runs at the
-# study's step budget N ("equal steps") and, for the e2e rows, also at the e2e steps that cost what
-# N diffusion steps cost ("-time": equal wall time, E2E_STEP_COST). "ontop" fine-tunes the preset's
-# run of half the budget ("preset-half") end to end for the other half, Garcia et al.'s "E2E FT on top".
+# The rows: (name, what it is, train.py flags, base, share of the step budget, budgets). Each row runs
+# at the study's step budget N ("steps"); the e2e and ontop rows also at the e2e steps that cost what
+# N diffusion steps cost ("time": equal wall time, E2E_STEP_COST). "ontop" fine-tunes the preset's run
+# of half the budget ("preset-half") end to end for the other half, Garcia et al.'s "E2E FT on top".
+# Pixel MSE runs on all scenes only.
 E2E_ROWS = [
-    ("paper", "the paper's objective,\nuniform t", ["--t_max_share=0"], "scratch", 1.0),
-    ("preset", "the toy preset,\n3/4 at t = T-1", [], "scratch", 1.0),
-    ("e2e", "e2e from scratch", ["--objective=e2e"], "scratch", 1.0),
-    ("e2e-mse", "e2e, pixel MSE", ["--objective=e2e", "--mask_loss=mse"], "scratch", 1.0),
-    ("prior-e2e", "e2e from the\ntext-to-image prior", ["--objective=e2e"], "prior", 1.0),
-    ("ontop", "e2e on top of\nthe preset (1/2 + 1/2)", ["--objective=e2e"], "preset-half", 0.5),
+    ("paper", "the paper's objective,\nuniform t", ["--t_max_share=0"], "scratch", 1.0, ("steps",)),
+    ("preset", "the toy preset,\n3/4 at t = T-1", [], "scratch", 1.0, ("steps",)),
+    ("e2e", "e2e from scratch", ["--objective=e2e"], "scratch", 1.0, ("steps", "time")),
+    ("e2e-mse", "e2e, pixel MSE", ["--objective=e2e", "--mask_loss=mse"], "scratch", 1.0, ("steps",)),
+    ("prior-e2e", "e2e from the\ntext-to-image prior", ["--objective=e2e"], "prior", 1.0, ("steps",)),
+    ("ontop", "e2e on top of\nthe preset (1/2 + 1/2)", ["--objective=e2e"], "preset-half", 0.5, ("steps", "time")),
 ]
 
 
@@ -445,7 +446,7 @@ def study_e2e(out, args):
     bases = {"scratch": sd2_dir, "prior": build_prior(out, sd2_dir, clip_dir,
                                                       pretraining_record(args.vae_steps, args.clip_steps, args.prior_steps))}
     folder, N = os.path.join(out, "e2e"), args.e2e_steps
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"} if args.study_jobs > 1 else None
 
     def run_dir(row, scenes, seed, budget):
         return os.path.join(folder, f"{row}-{budget}-{scenes}-seed{seed}")
@@ -475,11 +476,9 @@ def study_e2e(out, args):
     cells = [(scenes, seed) for scenes in E2E_SCENES for seed in range(args.study_seeds)]
     wave1 = [("preset-half", [], "scratch", N // 2, scenes, seed, "steps") for scenes, seed in cells]
     wave2 = []
-    for row, _, flags, base, share in E2E_ROWS:
-        e2e = "--objective=e2e" in flags
-        for budget, steps in (("steps", round(N * share)), ("time", round(N * share / E2E_STEP_COST))):
-            if budget == "time" and not e2e:
-                continue                                  # a diffusion row costs the same at equal steps and time
+    for row, _, flags, base, share, budgets in E2E_ROWS:
+        for budget in budgets:
+            steps = round(N * share / (E2E_STEP_COST if budget == "time" else 1))
             jobs = [(row, flags, base, steps, scenes, seed, budget) for scenes, seed in cells
                     if not (row == "e2e-mse" and scenes != E2E_SCENES[0])]
             (wave2 if base == "preset-half" else wave1).extend(jobs)
@@ -609,6 +608,34 @@ def vae_ceiling(sd2_dir, n):
     return {"scenes": min(n, len(val)), "miou": miou(cm)["miou_gt"]}
 
 
+@torch.no_grad()
+def readme_figure(ckpt, path, scenes=(7, 12)):
+    """The README's picture (docs/toy.png): for validation scenes, the image, the ground truth, the
+    starting noise z_T as the decoder sees it, the mask M_c after the one trailing DDIM step for one
+    class of the scene, and the segmentation of every class (argmax, background below tau_bg)."""
+    from digseg import aggregate, prepare_image, size_multiple
+    from plot import label_png
+    model, val = DiGSeg.from_checkpoint(ckpt).eval(), data.build("toy", "", "val", evaluation=True)
+    names, tiles, labels = list(data.TOY_CLASSES), [], []
+    for i in scenes:
+        image, gt, _ = val[i]
+        c = int(gt[gt >= 0].mode().values)                                  # the scene's largest shape
+        x = prepare_image(image, model.cfg.resolution, size_multiple(model.vae, model.unet))[0]
+        z_x = model.encode_image(x)
+        z_T = torch.randn(z_x.shape, generator=torch.Generator().manual_seed(0))
+        step = next(model.denoise_steps(z_x, z_T, model.context([model.cfg.prompt_template.format(names[c])]), 1,
+                                        "trailing"))
+        pred = aggregate(model.segment(image, names, ensemble=1, steps=1))
+        show = lambda labels_: np.asarray(label_png(labels_, len(names)).convert("RGB"))      # class colours, black
+        tiles += [((image.permute(1, 2, 0) + 1) / 2).numpy(), show(gt), model.decode_mask(z_T)[0].numpy(),
+                  model.decode_mask(step["z_prev"])[0].numpy(), show(pred)]
+        labels += ["image", "ground truth: " + ", ".join(names[k] for k in gt.unique().tolist() if k >= 0),
+                   "z_T ~ N(0, I), decoded", f"M_{names[c]} after 1 step", "prediction, 6 classes"]
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    image_grid(path, tiles, labels, cols=5, cell=160)
+    log(f"wrote {path}")
+
+
 @dataclass
 class Settings:
     out: str = "out/toy"             # the world's folder: its stages, DiGSeg, the evaluation
@@ -623,8 +650,9 @@ class Settings:
     study: str = ""                  # prior: scratch vs the text-to-image prior; e2e: the e2e objective (docs/results.md)
     study_steps: int = 600           # --study=prior: fine-tuning steps per run
     study_seeds: int = 3             # fine-tuning seeds per study cell
-    e2e_steps: int = 800             # --study=e2e: each row's step budget (equal steps; its e2e rows also at equal time)
-    study_jobs: int = 2              # --study=e2e: fine-tunings at a time, one CPU thread each
+    figure: str = ""                 # write the README's picture of the toy world (docs/toy.png) from its checkpoint
+    e2e_steps: int = 600             # --study=e2e: each row's step budget (equal steps; its e2e rows also at equal time)
+    study_jobs: int = 1              # --study=e2e: fine-tunings at a time (more than one: one CPU thread each)
     debug: bool = False              # show the traceback of an error
 
 
@@ -650,6 +678,8 @@ def main(argv=None):
         scores = json.load(f)
     log(f"toy val mIoU {scores['miou_gt']:.4f} (E=1, S=1 trailing, {args.val_images} images) in "
         f"{(time.time() - t_start) / 60:.1f} min; overlays in {args.out}/eval/")
+    if args.figure:
+        readme_figure(ckpt, args.figure)
     log(f"next: python sample.py YOUR_IMAGES --checkpoint={ckpt} --classes=circle,square,triangle,star,ring,bar")
     return 0
 

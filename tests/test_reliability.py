@@ -1,5 +1,6 @@
 """Nothing a user does by mistake loses a run or prints a wrong number: each case a new user hit,
 reproduced on tiny models (toy world, CPU)."""
+import dataclasses
 import json
 import os
 import shutil
@@ -317,3 +318,17 @@ def test_toy_precision_follows_the_cpu_and_is_part_of_the_stage_records(tmp_path
     assert os.path.getmtime(vae_file) == vae_before
     assert json.load(open(os.path.join(ckpt, "settings.json")))["dtype"] == "bf16"
     assert json.load(open(os.path.join(ckpt, "..", "toy_stage.json")))["dtype"] == "bf16"
+
+
+def test_every_setting_of_every_script_has_its_help_in_one_place():
+    """One flag mechanism: each script's settings are a dataclass whose every field carries its
+    help as a comment (in the script or in the base it extends: DiGSegConfig, launch.Inference)."""
+    import bench
+    import toy
+    from launch import field_comments
+    for script in (train, evaluation, sample, toy, bench):
+        comments = field_comments(script.Settings)
+        missing = [f.name for f in dataclasses.fields(script.Settings) if f.name not in comments]
+        assert not missing, (script.__name__, missing)
+    from digseg import DiGSegConfig
+    assert {f.name for f in dataclasses.fields(DiGSegConfig)} <= {f.name for f in dataclasses.fields(train.Settings)}

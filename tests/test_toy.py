@@ -108,3 +108,14 @@ def test_the_prior_stage_trains_saves_and_digseg_widens_it(tmp_path):
     w = fresh.unet.conv_in.weight
     assert w.shape[1] == 8 and torch.allclose(w[:, :4] * 2, prior.unet.conv_in.weight)
     assert torch.equal(fresh.unet.mid_block.attentions[0].proj_in.weight, prior.unet.mid_block.attentions[0].proj_in.weight)
+
+
+def test_the_e2e_studys_error_budget_adds_up(tiny_model, tmp_path):
+    """toy.error_budget splits the shapes' pixels into found, missed and taken for another class
+    (their shares add up to 1) and scores every background threshold it is asked for."""
+    import toy
+    tiny_model.save(tmp_path / "ck")
+    r = toy.error_budget(str(tmp_path / "ck"), 3, tau_bgs=(0.3, 0.5))
+    assert r["scenes"] == 3 and set(r["miou_by_tau_bg"]) == {"0.3", "0.5"}
+    assert sum(r["shape_pixels"].values()) == pytest.approx(1.0)
+    assert set(r["per_class"]) == set(data.TOY_CLASSES) and 0 <= r["background_taken_for_a_class"] <= 1
