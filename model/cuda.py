@@ -3,7 +3,6 @@
 What each choice buys, and what was tried and left out (channels_last: PyTorch's GroupNorm
 converts it back; cudnn.benchmark: no change), is measured in docs/results.md, "On a GPU".
 """
-import torch
 
 
 def tune_for_cuda(model, frozen_dtype=None, compile=False):

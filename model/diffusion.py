@@ -4,7 +4,6 @@ Pure functions over tensors, no model inside. Names follow the paper (Sec. 3): `
 is DDPM's cumulative product of (1 - beta), which the DDIM paper calls alpha.
 T = 1000 training timesteps, t in {0, ..., T-1}.
 """
-import math
 
 import numpy as np
 import torch
