@@ -484,7 +484,8 @@ def study_e2e(out, args):
             jobs = [(row, flags, base, steps, scenes, seed, budget) for scenes, seed in cells
                     if scenes == E2E_SCENES[0] or (row != "e2e-mse" and not budget.startswith("c1"))]
             (wave2 if base == "preset-half" else wave1).extend(jobs)
-    log(f"e2e study: {len(wave1) + len(wave2)} fine-tunings of up to {N} steps, {args.study_jobs} at a time")
+    log(f"e2e study: {len(wave1) + len(wave2)} fine-tunings of {min(j[3] for j in wave1 + wave2)} to "
+        f"{max(j[3] for j in wave1 + wave2)} steps, {args.study_jobs} at a time")
     for wave in (wave1, wave2):
         with ThreadPoolExecutor(args.study_jobs) as pool:
             list(pool.map(finetune, wave))
