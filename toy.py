@@ -537,7 +537,8 @@ def e2e_figures(folder, results, run_dir):
         series[f"{n} labelled scenes"] = [(c["mean"], min(c["miou"]), max(c["miou"])) if c else (float("nan"),) * 3
                                           for c in cells]
     bar_plot(os.path.join(folder, "e2e.png"), labels, series,
-             title=f"toy val mIoU, E = 1, S = 1, {results['seeds']} seeds; {results['steps']} steps or their time",
+             title=f"toy val mIoU, E = 1, S = 1, {results['seeds']} seed{'s' * (results['seeds'] > 1)}; "
+                   f"{results['steps']} steps, their time, or command 1's",
              ylabel="mIoU", size=(max(760, 110 * len(keys)), 440))
     val = data.build("toy", "", "val", evaluation=True)
     scenes = [val[i] for i in range(4)]
