@@ -410,4 +410,16 @@ def train_bpe(texts, vocab_size, out_dir):
     tok.train_from_iterator(texts, trainer)
     os.makedirs(out_dir, exist_ok=True)
     tok.model.save(os.fspath(out_dir))
-    return Tokenizer.from_files(os.path.join(out_dir, "vocab.json"), os.path.join(out_dir, "merges.txt"))
+    vocab_json, merges_txt = os.path.join(out_dir, "vocab.json"), os.path.join(out_dir, "merges.txt")
+    # The trainer numbers the end-of-word characters ("a</w>") in hash-map order, a new order in every
+    # run (huggingface/tokenizers#1794), and the toy CLIP's embedding rows follow the ids. Renumbered
+    # so that one corpus gives one vocabulary: the special tokens, then every token no merge makes in
+    # sorted order, then the merges' products in merge order. The merges themselves are unchanged.
+    with open(merges_txt, encoding="utf-8") as f:
+        products = [a + b for a, b in (line.split() for line in f if line.strip() and not line.startswith("#version"))]
+    with open(vocab_json, encoding="utf-8") as f:
+        tokens = set(json.load(f))
+    order = [SOT, EOT] + sorted(tokens - set(products) - {SOT, EOT}) + products
+    with open(vocab_json, "w", encoding="utf-8") as f:
+        json.dump({t: i for i, t in enumerate(order)}, f, ensure_ascii=False)
+    return Tokenizer.from_files(vocab_json, merges_txt)

@@ -269,6 +269,24 @@ def test_tiny_config_roundtrip_through_an_hf_folder(tmp_path):
         assert (ours.text(ids)[1] - feats).abs().max() <= 1e-5
 
 
+def test_train_bpe_gives_one_vocabulary_per_corpus(tmp_path):
+    """The tokenizers trainer numbers the end-of-word characters in hash-map order, a new order in
+    each training; train_bpe renumbers them, so that the toy world's CLIP (whose embedding rows follow
+    the ids) is the same from run to run. The renumbered vocabulary still encodes as the trainer's."""
+    import json
+    from model.clip import train_bpe
+    texts = [f"a {w} of a {c}." for w in ("photo", "picture", "drawing") for c in ("circle", "star", "ring", "bar")] * 4
+    vocabs = []
+    for i in range(5):
+        tok = train_bpe(texts, 300, tmp_path / f"bpe{i}")
+        vocabs.append(json.loads((tmp_path / f"bpe{i}" / "vocab.json").read_text()))
+        assert sorted(vocabs[-1].values()) == list(range(len(vocabs[-1])))
+        name = {i: t for t, i in vocabs[-1].items()}
+        ids = tok.encode("a picture of a star.")
+        assert "".join(name[i] for i in ids[1:-1]).replace("</w>", " ").strip() == "a picture of a star ."
+    assert all(v == vocabs[0] for v in vocabs)
+
+
 @pytest.mark.parametrize("size", [(512, 256), (256, 512), (400, 300), (300, 300)])
 def test_proposal_views_show_the_whole_image(size):
     """App. A.3's views (model.clip.views): content only at the left (or top) edge of a wide (tall)
