@@ -618,7 +618,7 @@ def readme_figure(ckpt, path, scenes=(7, 12)):
     """The README's picture (docs/toy.png): for validation scenes, the image, the ground truth, the
     starting noise z_T as the decoder sees it, the mask M_c after the one trailing DDIM step for one
     class of the scene, and the segmentation of every class (argmax, background below tau_bg)."""
-    from digseg import aggregate, prepare_image, size_multiple
+    from digseg import prepare_image, size_multiple
     from plot import label_png
     model, val = DiGSeg.from_checkpoint(ckpt).eval(), data.build("toy", "", "val", evaluation=True)
     names, tiles, labels = list(data.TOY_CLASSES), [], []
@@ -630,7 +630,7 @@ def readme_figure(ckpt, path, scenes=(7, 12)):
         z_T = torch.randn(z_x.shape, generator=torch.Generator().manual_seed(0))
         step = next(model.denoise_steps(z_x, z_T, model.context([model.cfg.prompt_template.format(names[c])]), 1,
                                         "trailing"))
-        pred = aggregate(model.segment(image, names, ensemble=1, steps=1))
+        pred = aggregate_toy(model, image)
         show = lambda labels_: np.asarray(label_png(labels_, len(names)).convert("RGB"))      # class colours, black
         tiles += [((image.permute(1, 2, 0) + 1) / 2).numpy(), show(gt), model.decode_mask(z_T)[0].numpy(),
                   model.decode_mask(step["z_prev"])[0].numpy(), show(pred)]

@@ -357,10 +357,7 @@ class Tokenizer:
         """HF / SD2 tokenizer files: vocab.json (token -> id) and merges.txt ("#version" header)."""
         with open(vocab_json, encoding="utf-8") as f:
             vocab = json.load(f)
-        with open(merges_txt, encoding="utf-8") as f:
-            lines = [ln.rstrip("\n") for ln in f]
-        merges = [tuple(ln.split(" ")) for ln in lines if ln and not ln.startswith("#version")]
-        return cls(vocab, merges, pad_token)
+        return cls(vocab, read_merges(merges_txt), pad_token)
 
     @classmethod
     def from_tokenizer_json(cls, path, pad_token=EOT):
@@ -401,6 +398,13 @@ class Tokenizer:
         return out
 
 
+def read_merges(merges_txt):
+    """merges.txt (after its "#version" header, one "a b" pair a line) -> [(a, b), ...] in merge order."""
+    with open(merges_txt, encoding="utf-8") as f:
+        lines = [ln.rstrip("\n") for ln in f]
+    return [tuple(ln.split(" ")) for ln in lines if ln and not ln.startswith("#version")]
+
+
 def train_bpe(texts, vocab_size, out_dir):
     """Train a CLIP-style BPE vocabulary on `texts` with the tokenizers library (the toy world) and
     write vocab.json + merges.txt, as an HF CLIP folder holds them. Returns the Tokenizer."""
@@ -415,8 +419,7 @@ def train_bpe(texts, vocab_size, out_dir):
     # run (huggingface/tokenizers#1794), and the toy CLIP's embedding rows follow the ids. Renumbered
     # so that one corpus gives one vocabulary: the special tokens, then every token no merge makes in
     # sorted order, then the merges' products in merge order. The merges themselves are unchanged.
-    with open(merges_txt, encoding="utf-8") as f:
-        products = [a + b for a, b in (line.split() for line in f if line.strip() and not line.startswith("#version"))]
+    products = [a + b for a, b in read_merges(merges_txt)]
     with open(vocab_json, encoding="utf-8") as f:
         tokens = set(json.load(f))
     order = [SOT, EOT] + sorted(tokens - set(products) - {SOT, EOT}) + products
