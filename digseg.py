@@ -259,7 +259,7 @@ class DiGSeg(nn.Module):
         if not isinstance(ensemble, int) or ensemble < 1:
             raise ValueError(f"the ensemble size E must be an integer >= 1, got {ensemble!r}")
         x, size, box = prepare_image(image, long_side or self.cfg.resolution, size_multiple(self.vae, self.unet))
-        z_x = self.encode_image(x.to(self.device))                                              # (1, 4, h, w)
+        z_x = self.encode_image(to_device(x, self.device))                                      # (1, 4, h, w)
         ctx = self.context([self.cfg.prompt_template.format(c) for c in class_names])           # (K, 77, C)
         if self.cfg.objective == "e2e":           # beyond the paper: one step from z_T = 0 (e2e_inference)
             e2e_inference(ensemble, steps, spacing, eta)
@@ -296,7 +296,7 @@ class DiGSeg(nn.Module):
         cond = z_x.expand(len(z_T), -1, -1, -1)
 
         def predict(z, t):   # U-Net input: cat([z_x, z_t]) on the channel axis, (N, 8, h, w); t an int
-            return self.unet(torch.cat([cond, z], dim=1).to(self.unet_dtype), t, ctx).float()
+            return self.unet(torch.cat([cond, z], dim=1).to(self.unet_dtype), timestep_tensor(t, z), ctx).float()
 
         T = len(self.alphas_cumprod)
         yield from ddim_sample(predict, z_T.float(), ddim_timesteps(steps, T, spacing), self.schedule_on_host,
@@ -342,6 +342,13 @@ def aggregate(probs, tau_bg=0.5):
 def binary_mask(prob, tau=0.7):
     """One class: M_c > tau (the paper's tau = 0.7)."""
     return prob > tau
+
+
+def timestep_tensor(t, z):
+    """An int timestep as a (N,) tensor on z's device, filled there (no copy, no host sync). The
+    U-Net takes ints too, but a compiled U-Net (model.cuda.tune_for_cuda, static shapes) would
+    treat each int as a constant of its graph and compile again for every DDIM timestep."""
+    return torch.full((len(z),), t, device=z.device, dtype=torch.long)
 
 
 def member_noise(shape, ensemble, steps, seed=0, eta=0.0, device="cpu"):
@@ -433,11 +440,12 @@ class ClassProposer(nn.Module):
         p = next(self.clip.parameters())
         whole, tiles = clip_views(image if isinstance(image, Image.Image) else tensor_to_pil(image),
                                   self.clip.config.vision_config.image_size)
-        img, patches = self.clip.image(whole.to(p.device, p.dtype))          # (1, E), (1, N, E)
-        if len(tiles) > 1:                                                   # not square: the tiles' patches
-            patches = self.clip.image(tiles.to(p.device, p.dtype))[1].flatten(0, 1)[None]   # (n, N, E) -> (1, n*N, E)
+        square = len(tiles) == 1                                             # the image is its own tile
+        views = whole if square else torch.cat([whole, tiles])               # (1 [+ n], 3, S, S): one copy
+        img, patches = self.clip.image(to_device(views, p.device).to(p.dtype))   # (1 [+ n], E), (1 [+ n], N, E)
+        patches = patches[0] if square else patches[1:].flatten(0, 1)        # the tiles' patches (n*N, E)
         text = self.text_embeddings(tuple(vocabulary), template)
-        return select_candidates(img[0], patches[0], text, vocabulary, tau_global, tau_patch)
+        return select_candidates(img[0], patches, text, vocabulary, tau_global, tau_patch)
 
     def text_embeddings(self, vocabulary, template):
         key = (template, vocabulary)
@@ -584,7 +592,7 @@ def e2e_loss(model, images, masks, prompts, valid=None):
     with torch.no_grad():
         z_x = model.encode_image(images)                                   # (B, 4, h, w)
     z_T = torch.zeros_like(z_x)
-    pred = model.unet(torch.cat([z_x, z_T], dim=1).to(model.unet_dtype), T - 1, model.context(prompts))
+    pred = model.unet(torch.cat([z_x, z_T], dim=1).to(model.unet_dtype), timestep_tensor(T - 1, z_T), model.context(prompts))
     x0, _ = predicted_x0_and_eps(pred.float(), z_T, T - 1, model.schedule_on_host, model.cfg.target)
     z = (x0 / model.vae_scale).to(model.vae_dtype)
     rgb = checkpoint(model.vae.decode, z, use_reentrant=False) if model.decoder_checkpointing else model.vae.decode(z)

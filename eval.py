@@ -87,7 +87,9 @@ def segment_by_protocol(model, image, names, args):
 # ---- one image -----------------------------------------------------------------------------------
 
 def predict(model, image, names, args):
-    """One image -> (labels (H, W) int64 with -1 = background, probs (K, H, W), class indices).
+    """One image (3, H, W) on the host -> (labels (H, W) int64 with -1 = background, probs (K, H, W),
+    class indices). The proposals read it where it is; segment() copies its prepared tensor to the
+    device once.
     --proposals=1 (the paper, App. A.3): only the classes CLIP proposes for this image are run;
     --proposals=0: every class of the dataset (closed vocabulary)."""
     classes = list(range(len(names)))
@@ -133,7 +135,7 @@ def evaluate(model, ds, args, key, tag, rank=0, world=1):
     t0 = time.time()
     for j, i in enumerate(todo):
         image, gt, path = ds[i]
-        pred, probs, classes = predict(model, image.to(model.device), ds.class_names, args)
+        pred, probs, classes = predict(model, image, ds.class_names, args)   # the host image: one copy, in segment()
         cm += confusion_matrix(pred, gt, C, ds.ignore_index)
         add_binary_counts(counts, probs, classes, gt.numpy(), ds, taus)
         if j < args.overlays and rank == 0:

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from model import cuda
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 POSITIVE = (1, None)                     # a RANGES entry: an integer >= 1
@@ -200,10 +202,7 @@ class Processes:
     world: int
     local_rank: int
     device: torch.device
-
-    @property
-    def ddp(self):
-        return self.world > 1
+    ddp: bool = False               # a process group, and the model wrapped in DDP
 
     @property
     def master(self):
@@ -222,10 +221,11 @@ def cpu_has_native_bf16():
 
 
 def pick_device(name, local_rank=0):
-    """auto | cpu | cuda | cuda:N -> torch.device; cuda on a machine without it is a usage error."""
+    """auto | cpu | cuda | cuda:N -> torch.device; cuda on a machine without it is a usage error,
+    except under simulated CUDA (model/cuda.py), where it is the CPU taking the CUDA branches."""
     if name not in ("auto", "cpu", "cuda") and not _is_cuda_index(name):
         raise UsageError(f"--device={name}: expected auto, cpu, cuda or cuda:N")
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+    if name == "cpu" or (not torch.cuda.is_available() and (name == "auto" or cuda.simulated())):
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise UsageError(f"--device={name}: this torch build or machine has no CUDA "
@@ -233,17 +233,20 @@ def pick_device(name, local_rank=0):
     return torch.device(name if _is_cuda_index(name) else f"cuda:{local_rank}")
 
 
-def start_processes(device="auto"):
+def start_processes(device="auto", force_ddp=False):
     """One process, or torchrun's (WORLD_SIZE > 1): NCCL on CUDA, gloo on the CPU. Each process
-    takes the GPU of its LOCAL_RANK."""
+    takes the GPU of its LOCAL_RANK. force_ddp: a process group (and DDP) in one process too, under
+    torchrun --nproc_per_node=1, so that the DDP path can be checked on a machine with one GPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = pick_device(device, local_rank)
-    if world > 1:
+    if force_ddp and "MASTER_ADDR" not in os.environ:
+        raise UsageError("--force_ddp=1 needs torchrun's environment: torchrun --nproc_per_node=1 train.py ...")
+    ddp = world > 1 or force_ddp
+    if ddp:
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    return Processes(dist.get_rank() if world > 1 else 0, world, local_rank, dev)
+    cuda.set_device(dev)
+    return Processes(dist.get_rank() if ddp else 0, world, local_rank, dev, ddp)
 
 
 def stop_processes(procs):

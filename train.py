@@ -25,7 +25,6 @@ uninterrupted one (on CPU; GPU kernels may be non-deterministic).
 import json
 import math
 import os
-import resource
 import shutil
 import time
 from contextlib import nullcontext
@@ -42,7 +41,7 @@ from digseg import DiGSeg, DiGSegConfig, aggregate
 from launch import (DTYPES, POSITIVE, SHARE, UsageError, apply_flags, check_ranges, parse_settings, run, split_flags,
                     start_processes, stop_processes, wants_help)
 from metrics import confusion_matrix, miou
-from model.cuda import tune_for_cuda
+from model import cuda
 from model.weights import torch_save_atomic, write_text_atomic
 from plot import line_plot
 
@@ -72,6 +71,7 @@ class Settings(DiGSegConfig):
     grad_checkpointing: bool = False  # recompute U-Net activations in the backward pass: less memory
     decoder_checkpointing: bool = False  # objective=e2e: recompute the VAE decoder's activations too
     compile: bool = False            # torch.compile the U-Net and VAE encoder (static shapes; step 1 compiles)
+    force_ddp: bool = False          # wrap the model in DDP in one process too (torchrun --nproc_per_node=1): the DDP path on one GPU
     # bookkeeping
     out_dir: str = "out/train"       # checkpoints, settings and the loss curve
     overwrite: bool = False          # a fresh run may replace the checkpoints in out_dir
@@ -189,14 +189,15 @@ def epoch_batches(sampler, epoch, batch_size):
     return [idx[i:i + batch_size] for i in range(0, len(idx) - batch_size + 1, batch_size)]
 
 
-def batch_stream(train_set, sampler, s, epoch, position):
+def batch_stream(train_set, sampler, s, epoch, position, pin=False):
     """(epoch, position, indices, batch) from a saved data position onwards, forever; `position`
-    is the number of this epoch's batches consumed, this one included (what a checkpoint saves)."""
+    is the number of this epoch's batches consumed, this one included (what a checkpoint saves).
+    pin: batches in page-locked memory, so that their copies to the GPU do not wait."""
     while True:
         plan = epoch_batches(sampler, epoch, s.batch_size)
         train_set.set_epoch(epoch)
         loader = DataLoader(train_set, batch_sampler=plan[position:], num_workers=s.num_workers,
-                            collate_fn=data.collate, pin_memory=torch.cuda.is_available() and s.device != "cpu")
+                            collate_fn=data.collate, pin_memory=pin)
         for indices, batch in zip(plan[position:], loader):
             position += 1
             yield epoch, position, indices, batch
@@ -319,10 +320,7 @@ def dry_run(model, optimizer, s, device, autocast):
     loss.backward()
     optimizer.step()
     dt = time.time() - t0
-    if device.type == "cuda":
-        peak, where = torch.cuda.max_memory_allocated(device) / 2**30, "GPU memory (max allocated)"
-    else:
-        peak, where = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process memory (peak RSS)"
+    peak, where = cuda.peak_memory_gib(device)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"dry run: loss {loss.item():.4f}, one step at batch 1 and {s.size}px took {dt:.1f} s; "
           f"peak {where}: {peak:.2f} GiB; parameters {sum(p.numel() for p in model.parameters()):,}, "
@@ -341,7 +339,7 @@ def make_optimizer(model, s):
 # ---- training ----------------------------------------------------------------------------------------
 
 def train(s):
-    procs = start_processes(s.device)
+    procs = start_processes(s.device, s.force_ddp)
     device, master = procs.device, procs.master
     log = print if master else (lambda *a, **k: None)
     torch.manual_seed(s.seed + procs.rank)
@@ -365,7 +363,7 @@ def train(s):
     model.train()                                 # the U-Net and MLP; the frozen parts stay in eval mode
     model.unet.gradient_checkpointing = s.grad_checkpointing
     model.decoder_checkpointing = s.decoder_checkpointing
-    tune_for_cuda(model, frozen_dtype=torch.bfloat16 if s.dtype == "bf16" else None, compile=s.compile)
+    cuda.tune_for_cuda(model, frozen_dtype=torch.bfloat16 if s.dtype == "bf16" else None, compile=s.compile)
     optimizer = make_optimizer(model, s)
     params = [p for p in model.parameters() if p.requires_grad]
     log(f"parameters: {sum(p.numel() for p in model.parameters()):,} in all, "
@@ -375,15 +373,18 @@ def train(s):
         dry_run(model, optimizer, s, device, autocast)
         stop_processes(procs)
         return model
-    step, epoch, position, losses, bad_total = 0, 0, 0, [], 0
+    step, epoch, position, losses, bad_total, overflow_total = 0, 0, 0, [], 0, 0
     if ckpt:
         optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
+        load_scaler(scaler, state["scaler"], log)
         torch.set_rng_state(state["rng_cpu"])
         step, epoch, losses, bad_total = state["step"], state["epoch"], state["losses"], state["bad_total"]
+        overflow_total = state.get("overflow_total", 0)
         position = check_world(state, s, procs.world)
         log(f"resumed from {ckpt} at step {step} (epoch {epoch}, batch {position}); saving into {s.out_dir}")
-    ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if procs.ddp else model
+    ddp_model = DDP(model, device_ids=cuda.ddp_device_ids(device)) if procs.ddp else model
+    if procs.ddp:
+        log(f"DistributedDataParallel over {procs.world} process(es), {dist.get_backend()}")
 
     # ---- data
     train_set = data.build(s.dataset, s.data_root, "train", size=s.size, fraction=s.fraction,
@@ -399,10 +400,11 @@ def train(s):
     total_batch = s.batch_size * procs.world * s.grad_accum
     log(f"data: {len(train_set)} {s.dataset} samples; total batch {total_batch} = "
         f"{s.batch_size} per process x {procs.world} processes x {s.grad_accum} accumulation steps")
-    stream = batch_stream(train_set, sampler, s, epoch, position)
+    stream = batch_stream(train_set, sampler, s, epoch, position, pin=cuda.loader_pins(device))
 
     # ---- the loop: accumulate, check the loss is finite on every rank, clip, step, log, save
     start_step, bad_in_a_row, first_bad, t0, seen = step, 0, None, time.time(), 0
+    scale, overflows_in_a_row = scaler.get_scale() if scaler.is_enabled() else None, 0
     while step < s.max_steps:
         lr = lr_at(step, s)
         for g in optimizer.param_groups:
@@ -439,13 +441,23 @@ def train(s):
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+        if scaler.is_enabled():      # fp16 only, one more host sync: did GradScaler skip the update?
+            scale, before = scaler.get_scale(), scale
+            overflows_in_a_row = overflows_in_a_row + 1 if scale < before else 0
+            if overflows_in_a_row:
+                overflow_total += 1
+                log(f"step {step}: fp16 gradients overflowed; GradScaler skipped the update and lowered its scale "
+                    f"to {scale:g} ({overflows_in_a_row} in a row, {overflow_total} in all)")
+                if overflows_in_a_row >= s.max_bad_steps:
+                    raise SystemExit(diverged_message(s, overflows_in_a_row, step - overflows_in_a_row + 1,
+                                                      "fp16 overflows"))
         step += 1
         losses.append((step, value))
 
         if master and (step % s.log_every == 0 or step == s.max_steps):
             rate = seen / (time.time() - t0)          # over the steps since the last log line
             t0, seen = time.time(), 0
-            memory = f" | {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else ""
+            memory = f" | {cuda.peak_memory_gib(device)[0]:.1f} GiB" if cuda.is_cuda(device) else ""
             print(f"step {step}/{s.max_steps} | loss {losses[-1][1]:.4f} | lr {lr:.2e} | {rate:.1f} img/s{memory} | "
                   f"ETA {(s.max_steps - step) * total_batch / max(rate, 1e-9) / 60:.1f} min", flush=True)
         if master and val_set is not None and step % s.val_every == 0:
@@ -456,6 +468,7 @@ def train(s):
         if master and (step % s.save_every == 0 or done):
             save_checkpoint(s.out_dir, model, {
                 "step": step, "epoch": epoch, "position": position, "losses": losses, "bad_total": bad_total,
+                "overflow_total": overflow_total,
                 "world": procs.world, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                 "rng_cpu": torch.get_rng_state()}, s)
         if done:
@@ -465,12 +478,25 @@ def train(s):
         xs, ys = zip(*losses) if losses else ((), ())
         line_plot(os.path.join(s.out_dir, "loss.png"), {"train loss": (xs, ys)}, title="DiGSeg training loss (Eq. 6)",
                   xlabel="step", logy=True)
-        print(f"done at step {step}; checkpoint in {s.out_dir}/checkpoint, loss curve in {s.out_dir}/loss.png")
+        skipped = f"; {bad_total} non-finite losses and {overflow_total} fp16 overflows skipped" if bad_total or \
+            overflow_total else ""
+        print(f"done at step {step}{skipped}; checkpoint in {s.out_dir}/checkpoint, loss curve in {s.out_dir}/loss.png")
     stop_processes(procs)
     return model
 
 
-def diverged_message(s, bad_in_a_row, first_bad):
+def load_scaler(scaler, saved, log):
+    """GradScaler's state from a checkpoint. Only fp16 runs have one: resuming a bf16 or fp32 run
+    with --dtype=fp16 starts a fresh scaler, and the other way round drops the saved one; both said."""
+    if scaler.is_enabled() and not saved:
+        log(f"this run was not trained in fp16: GradScaler starts fresh (scale {scaler.get_scale():g})")
+    elif saved and not scaler.is_enabled():
+        log("this run was trained in fp16: its GradScaler state is not used in this dtype")
+    else:
+        scaler.load_state_dict(saved)
+
+
+def diverged_message(s, bad_in_a_row, first_bad, what="non-finite losses"):
     """The NaN stop names the newest checkpoint saved before the first non-finite loss of the streak:
     a checkpoint at step k holds the weights the loss of step k was computed with, so one at
     k >= first_bad may already be diverged."""
@@ -478,7 +504,7 @@ def diverged_message(s, bad_in_a_row, first_bad):
     where = (f"the newest checkpoint from before the divergence is {before[-1][1]} (step {before[-1][0]}): "
              f"--resume={before[-1][1]} with a lower --lr" if before else
              f"no checkpoint from before step {first_bad} is left; start again with a lower --lr")
-    return f"stopping: {bad_in_a_row} non-finite losses in a row since step {first_bad}. {where}, or --dtype=fp32."
+    return f"stopping: {bad_in_a_row} {what} in a row since step {first_bad}. {where}, or --dtype=fp32."
 
 
 def main(argv):

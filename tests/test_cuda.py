@@ -1,9 +1,10 @@
 """Every path on a GPU, with the tiny models of the suite. Skipped where there is no CUDA (CI).
 
     python -m pytest -q -m cuda                      # on a machine with a GPU
-    DIGSEG_TEST_DEVICE=cpu python -m pytest -q tests/test_cuda.py   # the same checks on the CPU,
-                                                     # to check the tests themselves (memory and
-                                                     # compile checks need CUDA and skip)
+    DIGSEG_TEST_DEVICE=cpu python -m pytest -q tests/test_cuda.py   # the same checks on the CPU under
+                                                     # simulated CUDA, to check the tests themselves
+                                                     # (memory and compile checks need CUDA and skip;
+                                                     # CI runs tests/test_cuda_simulated.py instead)
 """
 import json
 import os
@@ -16,6 +17,7 @@ from safetensors.torch import load_file
 
 import train
 from digseg import DiGSeg, prepare_image, size_multiple
+from model import cuda
 from model.cuda import tune_for_cuda
 from model.diffusion import add_noise, ddim_sample, ddim_timesteps, multires_noise, scaled_linear_alphas_cumprod
 
@@ -24,6 +26,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="no CUDA device")]
 needs_cuda = pytest.mark.skipif(DEVICE != "cuda", reason="measures CUDA memory or compiles CUDA kernels")
+
+
+@pytest.fixture(autouse=True)
+def cuda_branches_on_the_cpu(monkeypatch):
+    """DIGSEG_TEST_DEVICE=cpu: the CPU takes the CUDA branches (simulated CUDA, model/cuda.py)."""
+    if DEVICE == "cpu":
+        monkeypatch.setenv(cuda.SIMULATE, "1")
 
 
 def train_args(tiny_paths, out, **kw):
