@@ -18,8 +18,10 @@ Label maps, as EvalSet yields them, are int64 in class-index space:
 Class lists live in classes/<name>.txt: lines starting with '#' are comments (the first says where
 the list comes from), then one class per line in label order; "a, b, c" lists synonyms and the
 prompt uses the first ("building, edifice" -> "a photo of a building."). `class_names` holds these
-first names; ADE-847 has a few repeated first names (bag, pot, screen, ...) that a prompt cannot
-tell apart. Any dataset accepts `classes=PATH`, a list of your own in the same format.
+names, made distinct (class_names_of): ADE-847 has nine first synonyms that several classes share
+("bag" is three classes), which would give them one prompt and leave all but one unpredictable.
+`synonyms` holds the whole lines, which the CLIP proposals average over (digseg.ClassProposer).
+Any dataset accepts `classes=PATH`, a list of your own in the same format.
 """
 import colorsys
 import sys
@@ -173,9 +175,25 @@ def read_class_file(path):
     return names
 
 
-def first_name(synonyms):
-    """'building, edifice' -> 'building' (the prompt's class name)."""
-    return synonyms.split(",")[0].strip()
+def class_names_of(lines):
+    """Synonym lines -> one distinct name per class: the first synonym, or, where other classes
+    share it, the shortest run of the line's first synonyms that no other class has ("bag,
+    handbag" beside "bag" and "bag, traveling bag" in ADE-847). Our reading: DiGSeg conditions on
+    one prompt per class, so the references' answer to shared names, CAT-Seg's average of one CLIP
+    embedding per synonym (cvlab-kaist/CAT-Seg, cat_seg/modeling/transformer/cat_seg_predictor.py,
+    class_embeddings), serves the proposals (digseg.ClassProposer) but not the U-Net's prompt."""
+    split = [[w.strip() for w in line.split(",") if w.strip()] for line in lines]
+    names = []
+    for i, words in enumerate(split):
+        others = [w for j, w in enumerate(split) if j != i]
+        n = 1
+        while n < len(words) and any(o[:n] == words[:n] for o in others):
+            n += 1
+        names.append(", ".join(words[:n]))
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise DataError(f"the class list repeats {repeated}: classes need distinct names (prompts)")
+    return names
 
 
 # ---- the datasets ----------------------------------------------------------------------------
@@ -487,7 +505,7 @@ class LabelledImages(torch.utils.data.Dataset):
         self.classes_file = Path(classes) if classes else (
             CLASSES_DIR / f"{self.spec.classes}.txt" if self.spec.classes else root / "classes.txt")
         self.synonyms = read_class_file(self.classes_file)
-        self.class_names = [first_name(s) for s in self.synonyms]
+        self.class_names = class_names_of(self.synonyms)
         C = len(self.class_names)
         self.ignore_index = 255 if C <= 255 else 65535
         table = self.spec.label_table(C, self.ignore_index)
@@ -608,7 +626,7 @@ class TrainSet(LabelledImages):
       3. mask = that class's pixels (nested classes included). Ignored pixels are 0, like background:
          the loss (Eq. 6) compares VAE latents of the whole mask, where a pixel-wise ignore cannot act;
          `valid` marks them for a loss in pixel space (the e2e objective, digseg.mask_loss).
-      4. prompt = template.format(first synonym of the class).
+      4. prompt = template.format(the class's name: its first synonym, made distinct by class_names_of).
     """
 
     def __init__(self, name, root, split="train", size=512, template="a photo of a {}.", p_absent=0.0,

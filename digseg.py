@@ -64,6 +64,9 @@ class DiGSegConfig:
         for key, allowed in CHOICES.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"unknown {key} {getattr(self, key)!r}; valid: {', '.join(allowed)}")
+        if not 0 <= self.noise_strength <= 1:
+            raise ValueError(f"noise_strength {self.noise_strength}: expected a number in [0, 1] (App. A.1's s: level i "
+                             f"weighs (s t / T)^i, so s > 1 would let the coarsest noise outweigh the white noise)")
         if self.text == "sd2" and self.text_embedding != "tokens":
             raise ValueError("text_embedding='pooled' needs text='clip': SD2's own encoder feeds its token states")
         return self
@@ -304,12 +307,14 @@ class DiGSeg(nn.Module):
 
     # ---- App. A.3 "Class label generation" ----------------------------------------------
 
-    def propose_classes(self, image, vocabulary, tau_global=0.25, tau_patch=0.3, template="A photo of a {}."):
-        """The candidate classes of an image among `vocabulary` -> (classes, scores): ClassProposer,
-        with the proposal CLIP if one is set (use_proposal_clip), else the conditioner's."""
+    def propose_classes(self, image, vocabulary, tau_global=0.25, tau_patch=0.3, template="A photo of a {}.",
+                        synonyms=None):
+        """The candidate classes of an image among `vocabulary` (distinct names; synonyms: their
+        synonym lines) -> (classes, scores): ClassProposer, with the proposal CLIP if one is set
+        (use_proposal_clip), else the conditioner's."""
         if self.proposer is None:
             raise ValueError("propose_classes needs a CLIP model with a vision tower (clip_path)")
-        return self.proposer(image, vocabulary, tau_global, tau_patch, template)
+        return self.proposer(image, vocabulary, tau_global, tau_patch, template, synonyms)
 
     def use_proposal_clip(self, path, vocab=None):
         """Propose classes with another CLIP than the conditioner's, e.g. ViT-B/16 (Table 1 lists
@@ -432,11 +437,16 @@ class ClassProposer(nn.Module):
     def __init__(self, clip):
         super().__init__()
         self.clip = clip.requires_grad_(False).eval()
-        self.cache = {}             # (template, vocabulary) -> the prompts' projected text embeddings (V, E)
+        self.cache = {}             # (template, vocabulary, synonyms) -> the classes' text embeddings (V, E)
 
     @torch.no_grad()
-    def forward(self, image, vocabulary, tau_global=0.25, tau_patch=0.3, template="A photo of a {}."):
-        """image: PIL or (3, H, W) in [-1, 1] -> (classes sorted by score, {class: scores})."""
+    def forward(self, image, vocabulary, tau_global=0.25, tau_patch=0.3, template="A photo of a {}.", synonyms=None):
+        """image: PIL or (3, H, W) in [-1, 1] -> (classes sorted by score, {class: scores}).
+        vocabulary: distinct class names; synonyms: each class's synonym line ("a, b, c"), whose
+        embeddings are averaged (text_embeddings), or None: the names alone."""
+        if len(set(vocabulary)) != len(vocabulary):
+            raise ValueError(f"the vocabulary repeats {sorted({c for c in vocabulary if vocabulary.count(c) > 1})}: "
+                             f"classes are told apart by their names (data.class_names_of makes them distinct)")
         p = next(self.clip.parameters())
         whole, tiles = clip_views(image if isinstance(image, Image.Image) else tensor_to_pil(image),
                                   self.clip.config.vision_config.image_size)
@@ -444,14 +454,22 @@ class ClassProposer(nn.Module):
         views = whole if square else torch.cat([whole, tiles])               # (1 [+ n], 3, S, S): one copy
         img, patches = self.clip.image(to_device(views, p.device).to(p.dtype))   # (1 [+ n], E), (1 [+ n], N, E)
         patches = patches[0] if square else patches[1:].flatten(0, 1)        # the tiles' patches (n*N, E)
-        text = self.text_embeddings(tuple(vocabulary), template)
+        text = self.text_embeddings(tuple(synonyms or vocabulary), template)
         return select_candidates(img[0], patches, text, vocabulary, tau_global, tau_patch)
 
-    def text_embeddings(self, vocabulary, template):
-        key = (template, vocabulary)
+    def text_embeddings(self, lines, template):
+        """One embedding per class line (V, E): the pooled, projected CLIP embedding of each synonym's
+        prompt, normalised, averaged over the line's synonyms and normalised again, as CAT-Seg builds
+        its class embeddings (cvlab-kaist/CAT-Seg, cat_seg_predictor.py, class_embeddings); a line
+        without commas is its one prompt."""
+        key = (template, lines)
         if key not in self.cache:
-            ids = self.clip.tokenizer([template.format(c) for c in vocabulary]).to(next(self.clip.parameters()).device)
-            self.cache[key] = self.clip.text(ids)[1]                         # (V, E) pooled + projected
+            words = [[w.strip() for w in line.split(",") if w.strip()] or [line] for line in lines]
+            prompts = [template.format(w) for ws in words for w in ws]
+            ids = self.clip.tokenizer(prompts).to(next(self.clip.parameters()).device)
+            each = F.normalize(self.clip.text(ids)[1].float(), dim=-1)       # (sum of synonyms, E)
+            self.cache[key] = F.normalize(torch.stack([m.mean(dim=0) for m in each.split([len(ws) for ws in words])]),
+                                          dim=-1)                            # (V, E)
         return self.cache[key]
 
 

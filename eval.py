@@ -86,7 +86,7 @@ def segment_by_protocol(model, image, names, args):
 
 # ---- one image -----------------------------------------------------------------------------------
 
-def predict(model, image, names, args):
+def predict(model, image, names, args, synonyms=None):
     """One image (3, H, W) on the host -> (labels (H, W) int64 with -1 = background, probs (K, H, W),
     class indices). The proposals read it where it is; segment() copies its prepared tensor to the
     device once.
@@ -94,8 +94,10 @@ def predict(model, image, names, args):
     --proposals=0: every class of the dataset (closed vocabulary)."""
     classes = list(range(len(names)))
     if args.proposals:
-        picked, _ = model.propose_classes(tensor_to_pil(image), names, args.tau_global, args.tau_patch)
-        classes = [names.index(c) for c in picked]
+        picked, _ = model.propose_classes(tensor_to_pil(image), names, args.tau_global, args.tau_patch,
+                                          synonyms=synonyms)
+        index = {c: k for k, c in enumerate(names)}                 # distinct (data.class_names_of)
+        classes = [index[c] for c in picked]
     if not classes:
         return torch.full(image.shape[1:], -1, dtype=torch.long), None, classes
     probs = segment_by_protocol(model, image, [names[k] for k in classes], args).cpu()
@@ -135,7 +137,7 @@ def evaluate(model, ds, args, key, tag, rank=0, world=1):
     t0 = time.time()
     for j, i in enumerate(todo):
         image, gt, path = ds[i]
-        pred, probs, classes = predict(model, image, ds.class_names, args)   # the host image: one copy, in segment()
+        pred, probs, classes = predict(model, image, ds.class_names, args, getattr(ds, "synonyms", None))
         cm += confusion_matrix(pred, gt, C, ds.ignore_index)
         add_binary_counts(counts, probs, classes, gt.numpy(), ds, taus)
         if j < args.overlays and rank == 0:
@@ -208,7 +210,8 @@ def vae_on_masks(vae, vae_scale, ds, n=1000, batch=8, device="cpu", seed=0):
     n of the dataset's (image, class present) masks drawn at random (seeded), as App. B samples its
     1,000. MAE between the decoded channel mean mapped to [0, 1] and the mask, its mean and its std
     over the masks (Table 7's MAE +- std); label accuracy: the decoded value's nearest palette entry
-    (0 or 1) equals the mask. Masks of one size are batched."""
+    (0 or 1) equals the mask. The channel spread (std and max - min of the decoded RGB per pixel) is
+    in the MAE's unit, the [0, 1] of masks, not the decoder's [-1, 1]. Masks of one size are batched."""
     dtype = next(vae.parameters()).dtype
     maes, accs, stds, ranges, masks = [], [], [], [], _class_masks(ds, n, seed)
     while chunk := list(itertools.islice(masks, batch)):
@@ -219,8 +222,9 @@ def vae_on_masks(vae, vae_scale, ds, n=1000, batch=8, device="cpu", seed=0):
             decoded = image_to_mask(rgb)                                          # (B, H, W) in [0, 1]
             maes.append((decoded - y).abs().flatten(1).mean(1).cpu())
             accs.append(((decoded > 0.5) == (y > 0.5)).float().flatten(1).mean(1).cpu())
-            stds.append(rgb.std(dim=1).flatten(1).mean(1).cpu())                  # the paper's channel spread
-            ranges.append((rgb.amax(dim=1) - rgb.amin(dim=1)).flatten(1).mean(1).cpu())
+            in_01 = (rgb + 1) / 2                                                 # the masks' and the MAE's unit
+            stds.append(in_01.std(dim=1).flatten(1).mean(1).cpu())                # the paper's channel spread
+            ranges.append((in_01.amax(dim=1) - in_01.amin(dim=1)).flatten(1).mean(1).cpu())
     mae, acc = torch.cat(maes), torch.cat(accs)
     return {"masks": len(mae), "mae": mae.mean().item(), "mae_std": mae.std().item() if len(mae) > 1 else 0.0,
             "label_accuracy": acc.mean().item(), "seed": seed,

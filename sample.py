@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data import CLASSES_DIR, IMAGE_SUFFIXES, DataError, first_name, load_rgb, read_class_file
+from data import CLASSES_DIR, IMAGE_SUFFIXES, DataError, class_names_of, load_rgb, read_class_file
 from digseg import DiGSeg, aggregate, binary_mask
 from launch import DTYPES, INFERENCE_CHOICES, INFERENCE_RANGES, Inference, UsageError, parse_settings, pick_device, run
 from plot import label_png, overlay
@@ -57,16 +57,21 @@ def output_names(paths):
 
 
 def read_classes(args):
-    """-> (class names, whether CLIP proposes among them)."""
+    """-> (distinct class names, their synonym lines or None, whether CLIP proposes among them)."""
     if args.classes:
-        return [c.strip() for c in args.classes.split(",") if c.strip()], False
+        names = [c.strip() for c in args.classes.split(",") if c.strip()]
+        if len(set(names)) != len(names):
+            raise UsageError(f"--classes={args.classes}: a class is named twice")
+        return names, None, False
     if args.classes_file:
-        return [first_name(c) for c in read_class_file(args.classes_file)], False
+        lines = read_class_file(args.classes_file)
+        return class_names_of(lines), lines, False
     if args.vocab:
         path = args.vocab if os.path.isfile(args.vocab) else CLASSES_DIR / f"{args.vocab}.txt"
         if not os.path.isfile(path):
             raise UsageError(f"--vocab={args.vocab}: neither a file nor a vocabulary in classes/ ({path})")
-        return [first_name(c) for c in read_class_file(path)], True
+        lines = read_class_file(path)
+        return class_names_of(lines), lines, True
     raise UsageError("give the classes: --classes=a,b,c or --classes_file=FILE or --vocab=NAME (CLIP proposes)")
 
 
@@ -87,7 +92,7 @@ def main(argv=None):
 
     if not args.checkpoint:
         raise UsageError("--checkpoint is required: a DiGSeg checkpoint folder (digseg.json + digseg.safetensors)")
-    names, propose = read_classes(args)
+    names, synonyms, propose = read_classes(args)
     paths = expand_inputs(args.inputs)
     if not paths:
         raise UsageError(f"no images found in {args.inputs}")
@@ -108,7 +113,7 @@ def main(argv=None):
         scores = {}
         classes = names
         if propose:
-            classes, scores = model.propose_classes(image, names, args.tau_global, args.tau_patch)
+            classes, scores = model.propose_classes(image, names, args.tau_global, args.tau_patch, synonyms=synonyms)
         stem = os.path.join(args.out, name)
         os.makedirs(os.path.dirname(stem), exist_ok=True)
         found = []

@@ -97,7 +97,7 @@ CHOICES = {**digseg.CHOICES, "dataset": ("toy", *data.DATASETS), "decay": ("cons
            "dtype": tuple(DTYPES), "device": ("auto", "cpu", "cuda")}
 RANGES = {**{k: POSITIVE for k in ("batch_size", "grad_accum", "max_steps", "keep", "log_every", "save_every",
                                    "max_bad_steps")},
-          **{k: SHARE for k in ("p_absent", "t_max_share", "fraction")}}
+          **{k: SHARE for k in ("p_absent", "t_max_share", "fraction", "noise_strength")}}
 
 PRESETS = {
     # The toy world (toy.py): tiny models pretrained on procedural shapes, trained on a CPU in minutes.
@@ -126,7 +126,7 @@ PRESETS = {
                        batch_size=2, grad_accum=1, max_steps=30000, lr=1e-4, warmup_steps=500,
                        dtype="bf16", out_dir="out/coco-stuff"),
     # App. A.2: only conv_in, the MLP, the cross-attention at 1/4 and 1/8 and the mid-block attention
-    # train (65.7 M of 865.9 M U-Net parameters; our reading: digseg.trainable_parameter_names).
+    # train (our reading: digseg.trainable_parameter_names; the run's first line prints the count).
     "ade20k-paper": dict(dataset="ade150", data_root="data/ADEChallengeData2016", size=512, resolution=512,
                          trainable="paper", batch_size=2, grad_accum=1, max_steps=30000, lr=1e-4,
                          warmup_steps=500, dtype="bf16", out_dir="out/ade20k-paper"),

@@ -13,6 +13,7 @@ import eval as evaluation
 import sample
 from data import TOY_CLASSES
 from digseg import DiGSeg
+from launch import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -303,3 +304,100 @@ def test_fig7_ensemble_study_and_the_papers_defaults_in_help(checkpoint, tmp_pat
         evaluation.main(["--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert 'the paper: 8 "unless otherwise stated"' in help_text and "E x S = 8 x 2" in help_text
+
+
+def test_every_ade847_class_can_win_a_pixel():
+    """ADE-847 has nine first synonyms that 19 classes share ("bag" thrice). A model that sees only
+    the prompt answers the same for equal prompts; with one distinct name per class (the prompt),
+    each class lights its own pixel and eval.predict maps every one back to its own index."""
+    from types import SimpleNamespace
+
+    from data import CLASSES_DIR, class_names_of, read_class_file
+    lines = read_class_file(CLASSES_DIR / "ade847.txt")
+    names = class_names_of(lines)
+    assert len(names) == 847 and len(set(names)) == 847
+    assert names[114] == "bag" and names[191] == "bag, traveling bag" and names[252] == "bag, handbag"
+    pixel_of = {}                                          # a prompt's answer: the pixel of its first class
+    for k, n in enumerate(names):
+        pixel_of.setdefault(n, k)
+
+    class PromptOnly:
+        cfg, device = SimpleNamespace(resolution=30), torch.device("cpu")
+
+        def propose_classes(self, image, vocabulary, *a, synonyms=None, **k):
+            return list(vocabulary), {}
+
+        def segment(self, image, classes, **kw):
+            probs = torch.zeros(len(classes), 30 * 30)
+            for j, c in enumerate(classes):
+                probs[j, pixel_of[c]] = 1
+            return probs.view(len(classes), 30, 30)
+
+    args = evaluation.parse(["--checkpoint=x", "--protocol=long", "--tau_bg=0.5"])
+    labels, _, classes = evaluation.predict(PromptOnly(), torch.zeros(3, 30, 30), names, args, lines)
+    assert sorted(set(labels.flatten().tolist()) - {-1}) == list(range(847))
+
+
+def test_proposals_average_each_synonym_and_refuse_repeated_names(tiny_model):
+    """The proposals' class embedding of 'circle, ring' is the normalised mean of the two prompts'
+    normalised embeddings (CAT-Seg's class_embeddings); a vocabulary with a name twice is an error."""
+    import torch.nn.functional as F
+    proposer = tiny_model.proposer
+    both = proposer.text_embeddings(("circle, ring", "star"), "A photo of a {}.")
+    one = proposer.text_embeddings(("circle", "ring", "star"), "A photo of a {}.")
+    assert torch.allclose(F.normalize(both, dim=-1)[0], F.normalize(one[0] + one[1], dim=-1), atol=1e-6)
+    assert torch.allclose(both[1], one[2], atol=1e-6)
+    image = torch.rand(3, 32, 32) * 2 - 1
+    classes, _ = tiny_model.propose_classes(image, ["circle", "star"], tau_global=-1, synonyms=["circle, ring", "star"])
+    assert sorted(classes) == ["circle", "star"]
+    with pytest.raises(ValueError, match="the vocabulary repeats \\['bag'\\]"):
+        tiny_model.propose_classes(image, ["bag", "star", "bag"])
+
+
+def test_table7_reports_the_channel_spread_in_the_maes_unit():
+    """A decoder that answers (-1, 0, 1) on R, G, B everywhere: channel mean 0 -> M = 0.5, so the
+    MAE is 0.5 on [0, 1]; its channel std is 0.5 and its max - min 1 on the same [0, 1] (1 and 2 on
+    the decoder's [-1, 1])."""
+    import types
+    import data
+    rgb = torch.tensor([-1.0, 0.0, 1.0])[None, :, None, None]
+    spread = types.SimpleNamespace(encode=lambda x: (x, x), decode=lambda z: rgb.expand(len(z), 3, *z.shape[2:]),
+                                   parameters=lambda: iter([torch.zeros(1)]))
+    r = evaluation.vae_on_masks(spread, 1.0, data.build("toy", "", "val", evaluation=True), n=4)
+    assert r["mae"] == pytest.approx(0.5) and r["channel_std"] == pytest.approx(0.5)
+    assert r["channel_range"] == pytest.approx(1.0)
+
+
+def test_sample_with_the_ade847_vocabulary_proposes_distinct_classes(checkpoint, tmp_path, monkeypatch):
+    """sample.py --vocab=ade847 hands the proposals distinct names and each class's synonym line."""
+    seen = {}
+
+    def propose(self, image, vocabulary, tau_global, tau_patch, synonyms=None):
+        seen.update(vocabulary=list(vocabulary), synonyms=synonyms)
+        return ["bag, handbag"], {"bag, handbag": {"global": 0.3, "patch": 0.3}}
+
+    monkeypatch.setattr(DiGSeg, "propose_classes", propose)
+    Image.new("RGB", (24, 16), (10, 200, 10)).save(tmp_path / "g.png")
+    assert sample.main([str(tmp_path / "g.png"), f"--checkpoint={checkpoint}", "--vocab=ade847",
+                        f"--out={tmp_path / 'o'}", "--ensemble=1"]) == 0
+    assert len(seen["vocabulary"]) == 847 == len(set(seen["vocabulary"])) == len(seen["synonyms"])
+    assert seen["synonyms"][252] == "bag, handbag, pocketbook, purse"
+    found = json.load(open(tmp_path / "o" / "g.json"))["classes"]
+    assert [c["class"] for c in found] == ["bag, handbag"]
+    with pytest.raises(UsageError, match="a class is named twice"):
+        sample.main([str(tmp_path / "g.png"), f"--checkpoint={checkpoint}", "--classes=a,b,a"])
+
+
+def test_the_readmes_python_example_runs(tiny_model, tmp_path, monkeypatch):
+    """The README's first Python block, as written, on a tiny checkpoint where command 1 puts its own."""
+    import re
+
+    import data
+    block = re.search(r"```python\n(.*?)```", open(os.path.join(ROOT, "README.md")).read(), re.S).group(1)
+    tiny_model.save(tmp_path / "out" / "toy" / "digseg" / "checkpoint")
+    Image.fromarray(data.toy_scene(2000, 7)[0]).save(tmp_path / "scene.png")
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    assert scope["probs"].shape == (3, 64, 64) and 0 <= scope["probs"].min() and scope["probs"].max() <= 1
+    assert Image.open(tmp_path / "scene_overlay.png").size[1] >= 64

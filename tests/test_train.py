@@ -150,6 +150,11 @@ def test_settings_flags():
         a, b = vars(train.parse_args([f"--preset={name}"])), vars(train.parse_args([f"--preset={name}-paper"]))
         assert {k for k in a if a[k] != b[k]} == {"trainable", "out_dir"} and b["trainable"] == "paper"
     assert train.parse_args(["--tau_bg=0.3"]).tau_bg == 0.3
+    with pytest.raises(UsageError, match=r"--noise_strength=1.5: expected a number in \[0, 1\]"):
+        train.parse_args(["--noise_strength=1.5"])
+    from digseg import DiGSegConfig
+    with pytest.raises(ValueError, match="noise_strength -0.1: expected a number in"):
+        DiGSegConfig(noise_strength=-0.1).check()
 
 
 def test_dry_run_reports_counts_and_memory(tiny_paths, tmp_path, capsys):
