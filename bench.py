@@ -46,17 +46,28 @@ def median_seconds(fns, runs=3):
     return [statistics.median(t) for t in times]
 
 
-def print_table(title, rows):
-    print(f"\n{title}\n{'what':<32} {'dtype':<5} {'ours s':>8} {'ref s':>8} {'ours/ref':>8} {'max |diff|':>10}")
-    for what, dtype, ours, ref, diff in rows:
-        print(f"{what:<32} {dtype:<5} {ours:8.3f} {ref:8.3f} {ours / ref:8.2f} {diff:10.2e}")
+def print_header(title):
+    """A comparison table's title and columns, printed before its first row is measured."""
+    print(f"\n{title}\n{'what':<32} {'dtype':<5} {'ours s':>8} {'ref s':>8} {'ours/ref':>8} {'max |diff|':>10}", flush=True)
 
 
-def compare(what, ours_fn, ref_fn, dtype, rows):
+def compare(what, ours_fn, ref_fn, dtype):
+    """One row: ours beside the reference, timed in the same run, printed as soon as it is measured."""
     with torch.inference_mode():
         ours_out, ref_out = ours_fn(), ref_fn()  # also the warm-up
         diff = (ours_out.float() - ref_out.float()).abs().max().item()
-        rows.append((what, dtype, *median_seconds([ours_fn, ref_fn]), diff))
+        ours, ref = median_seconds([ours_fn, ref_fn])
+    print(f"{what:<32} {dtype:<5} {ours:8.3f} {ref:8.3f} {ours / ref:8.2f} {diff:10.2e}", flush=True)
+
+
+def cpu_dtypes():
+    """The dtypes a CPU section compares: fp32, and bf16 where the CPU computes it natively (emulated
+    bf16 is orders of magnitude slower, so its rows take hours and compare nothing; BENCH_CPU_BF16=1
+    runs them anyway)."""
+    if cpu_has_native_bf16() or os.environ.get("BENCH_CPU_BF16") == "1":
+        return DTYPES
+    print("bf16 rows skipped: this CPU emulates bf16 (BENCH_CPU_BF16=1 runs them anyway)", flush=True)
+    return {"fp32": torch.float32}
 
 
 # Peak resident memory of loading the U-Net alone, each in a fresh process; printed as
@@ -109,18 +120,19 @@ def bench_sd2():
 
     diffusers_logging.set_verbosity_error()  # its advice on casting with .to() does not apply here
     torch.manual_seed(0)
-    rows = []
+    dtypes = cpu_dtypes()
+    print_header(f"SD2 vs diffusers ({torch.get_num_threads()} threads; median of 3)")
     with tempfile.TemporaryDirectory() as tmp:
         ref = UNet2DConditionModel.from_config(UNetConfig().to_dict()).eval()
         ref.save_pretrained(os.path.join(tmp, "unet"))
         with torch.device("meta"):
             ours = UNet2DCondition(UNetConfig()).eval()
         sample, t, context = torch.randn(2, 4, 64, 64), torch.tensor([10, 900]), torch.randn(2, 77, 1024)
-        for name, dtype in DTYPES.items():
+        for name, dtype in dtypes.items():
             ref.to(dtype)
             ours.load_state_dict(ref.state_dict(), assign=True)  # share the weights: one copy in memory
             x, c = sample.to(dtype), context.to(dtype)
-            compare("U-Net 64x64 latent, batch 2", lambda: ours(x, t, c), lambda: ref(x, t, c).sample, name, rows)
+            compare("U-Net 64x64 latent, batch 2", lambda: ours(x, t, c), lambda: ref(x, t, c).sample, name)
         del ref, ours
         weight_bytes = os.path.getsize(os.path.join(tmp, "unet", "diffusion_pytorch_model.safetensors"))
         rss_ours = peak_load_rss(LOAD_OURS, os.path.join(tmp, "unet"))
@@ -130,16 +142,13 @@ def bench_sd2():
     with torch.device("meta"):
         ours = AutoencoderKL(VAEConfig()).eval()
     image, latent = torch.rand(1, 3, 512, 512) * 2 - 1, torch.randn(1, 4, 64, 64)
-    for name, dtype in DTYPES.items():
+    for name, dtype in dtypes.items():
         ref.to(dtype)
         ours.load_state_dict(ref.state_dict(), assign=True)
         x, z = image.to(dtype), latent.to(dtype)
-        compare("VAE encode 512x512 (mean)", lambda: ours.encode(x)[0], lambda: ref.encode(x).latent_dist.mean,
-                name, rows)
-        compare("VAE decode 64x64 -> 512x512", lambda: ours.decode(z), lambda: ref.decode(z).sample, name, rows)
+        compare("VAE encode 512x512 (mean)", lambda: ours.encode(x)[0], lambda: ref.encode(x).latent_dist.mean, name)
+        compare("VAE decode 64x64 -> 512x512", lambda: ours.decode(z), lambda: ref.decode(z).sample, name)
     del ref, ours
-
-    print_table(f"SD2 vs diffusers ({torch.get_num_threads()} threads; median of 3)", rows)
     print(f"U-Net load + touch every weight, peak RSS above baseline (fp32 safetensors, "
           f"weights {weight_bytes / 2**30:.2f} GiB): "
           f"ours {rss_ours / 2**30:.2f} GiB ({rss_ours / weight_bytes:.2f}x), "
@@ -153,22 +162,22 @@ def bench_clip():
     from model.clip import CLIP, PRESETS
 
     torch.manual_seed(0)
-    rows = []
+    dtypes = cpu_dtypes()
+    print_header(f"CLIP vs transformers ({torch.get_num_threads()} threads; median of 3)")
     ref = transformers.CLIPModel(transformers.CLIPConfig.from_dict(PRESETS["clip-vit-l14"].to_dict())).eval()
     with torch.device("meta"):
         ours = CLIP(PRESETS["clip-vit-l14"]).eval()
     ids = torch.randint(0, 49406, (16, 77))
     ids[:, -1] = 49407
     pixels = torch.randn(8, 3, 224, 224)
-    for name, dtype in DTYPES.items():
+    for name, dtype in dtypes.items():
         ref.to(dtype)
         ours.load_state_dict({k: v for k, v in ref.state_dict().items() if not k.endswith("position_ids")}, assign=True)
         px = pixels.to(dtype)
         compare("CLIP-L text, 16 x 77 tokens", lambda: ours.text(ids)[0], lambda: ref.text_model(input_ids=ids).last_hidden_state,
-                name, rows)
+                name)
         compare("CLIP-L vision, 8 x 224^2", lambda: ours.image(px)[0],
-                lambda: ref.visual_projection(ref.vision_model(pixel_values=px).pooler_output), name, rows)
-    print_table(f"CLIP vs transformers ({torch.get_num_threads()} threads; median of 3)", rows)
+                lambda: ref.visual_projection(ref.vision_model(pixel_values=px).pooler_output), name)
 
 
 class FixedText(torch.nn.Module):
@@ -376,7 +385,7 @@ def bench_cuda_unet(gpu):
     with torch.device("meta"):
         ours = UNet2DCondition(config).eval()
     ours.load_state_dict(ref.state_dict(), assign=True)              # one copy of the weights, shared
-    rows = []
+    print_header(f"U-Net vs diffusers on {gpu.name} (median of 3)")
     for dtype in (torch.float32, torch.bfloat16):                    # fp32 weights under autocast, then bf16 weights
         if dtype == torch.bfloat16:
             ref.to(dtype)
@@ -392,8 +401,7 @@ def bench_cuda_unet(gpu):
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == torch.float32):
                     compare(f"U-Net b{batch} {'autocast' if dtype == torch.float32 else 'bf16 weights'} {name}",
                             lambda: ours(x, t, c), lambda: ref(x, t, c).sample,
-                            "amp" if dtype == torch.float32 else "bf16", rows)
-    print_table(f"U-Net vs diffusers on {gpu.name} (median of 3)", rows)
+                            "amp" if dtype == torch.float32 else "bf16")
 
 
 def bench_cuda_segment(gpu):

@@ -332,3 +332,15 @@ def test_every_setting_of_every_script_has_its_help_in_one_place():
         assert not missing, (script.__name__, missing)
     from digseg import DiGSegConfig
     assert {f.name for f in dataclasses.fields(DiGSegConfig)} <= {f.name for f in dataclasses.fields(train.Settings)}
+
+
+def test_bench_skips_emulated_bf16_and_prints_each_row_when_measured(monkeypatch, capsys):
+    import bench
+    monkeypatch.setattr(bench, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.delenv("BENCH_CPU_BF16", raising=False)
+    assert list(bench.cpu_dtypes()) == ["fp32"] and "BENCH_CPU_BF16=1 runs them" in capsys.readouterr().out
+    monkeypatch.setenv("BENCH_CPU_BF16", "1")
+    assert list(bench.cpu_dtypes()) == ["fp32", "bf16"]
+    bench.print_header("t")
+    bench.compare("row one", lambda: torch.ones(2), lambda: torch.ones(2) * 1.5, "fp32")
+    assert capsys.readouterr().out.splitlines()[-1].startswith("row one")          # printed before the next row
