@@ -254,8 +254,7 @@ class Target:
     """Where the CUDA sections run: a GPU at SD2-base + CLIP-L shapes (512^2), or, for a dry run in CI,
     the CPU under simulated CUDA (model/cuda.py) at the toy's shapes (64^2): the same code, small."""
     device: torch.device
-    shapes: str = "sd2-base"         # model.unet / model.vae preset
-    text: int = 768                  # the text tower's width (CLIP ViT-L/14)
+    shapes: str = "sd2-base"         # model.unet / model.vae preset (toy_or_sd2: and the text width)
     size: int = 512                  # image side
 
     @property
@@ -336,7 +335,7 @@ def bench_e2e(gpu=None):
             except torch.OutOfMemoryError:
                 print(f"  {shapes} {size}^2 batch {batch} {objective} checkpointing={ckpt}: out of memory", flush=True)
                 continue
-            empty_cache()
+            cuda.empty_cache()
         else:
             out = subprocess.run([sys.executable, "-c", OBJECTIVE_COST, shapes, objective, str(ckpt), str(batch), str(size)],
                                  check=True, capture_output=True, text=True,
@@ -347,11 +346,6 @@ def bench_e2e(gpu=None):
         print(f"  {shapes:3s} {size:3d}^2 batch {batch:2d} {objective:9s} decoder checkpointing={ckpt}: "
               f"{seconds * 1000:8.1f} ms/step ({seconds / base[key]:4.2f}x diffusion), {batch / seconds:6.1f} img/s, "
               f"peak {peak:5.2f} GiB", flush=True)
-
-
-def empty_cache():
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def sd2_digseg(gpu, trainable="all"):
@@ -421,7 +415,7 @@ def bench_cuda_segment(gpu):
                 print(f"  {label:22s} {what:20s} {sec * 1000:8.1f} ms = {K / sec:6.1f} masks/s = {1 / sec:6.1f} images/s",
                       flush=True)
         del model
-        empty_cache()
+        cuda.empty_cache()
 
 
 def bench_cuda_train(gpu, batches=(2, 8, 16, 32, 48)):
@@ -465,7 +459,7 @@ def bench_cuda_train(gpu, batches=(2, 8, 16, 32, 48)):
         except torch.OutOfMemoryError:
             print(f"  {what}: out of memory", flush=True)
         opt.zero_grad(set_to_none=True)
-        empty_cache()
+        cuda.empty_cache()
 
 
 def bench_cuda_choices(gpu):
@@ -586,7 +580,7 @@ def main(argv=None):
             raise SystemExit(f"--device=cuda: no CUDA device here (a dry run on the CPU: {cuda.SIMULATE}=1 "
                              f"python bench.py --device=cuda --shapes=toy)")
         gpu = Target(torch.device("cuda" if torch.cuda.is_available() else "cpu"), args.shapes,
-                     *((64, 64) if args.shapes == "toy" else (768, 512)))
+                     64 if args.shapes == "toy" else 512)
         print(f"{cuda.device_name(gpu.device)}, torch {torch.__version__}, CUDA {torch.version.cuda}", flush=True)
     else:
         native = torch.backends.cpu.get_cpu_capability()

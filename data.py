@@ -175,6 +175,11 @@ def read_class_file(path):
     return names
 
 
+def synonyms_of(line):
+    """'building, edifice' -> ['building', 'edifice']: a class line's synonyms."""
+    return [w.strip() for w in line.split(",") if w.strip()]
+
+
 def class_names_of(lines):
     """Synonym lines -> one distinct name per class: the first synonym, or, where other classes
     share it, the shortest run of the line's first synonyms that no other class has ("bag,
@@ -182,7 +187,7 @@ def class_names_of(lines):
     one prompt per class, so the references' answer to shared names, CAT-Seg's average of one CLIP
     embedding per synonym (cvlab-kaist/CAT-Seg, cat_seg/modeling/transformer/cat_seg_predictor.py,
     class_embeddings), serves the proposals (digseg.ClassProposer) but not the U-Net's prompt."""
-    split = [[w.strip() for w in line.split(",") if w.strip()] for line in lines]
+    split = [synonyms_of(line) for line in lines]
     names = []
     for i, words in enumerate(split):
         others = [w for j, w in enumerate(split) if j != i]

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.checkpoint import checkpoint
 
-from data import pil_to_tensor, tensor_to_pil
+from data import pil_to_tensor, synonyms_of, tensor_to_pil
 from model import checkpoint as ckpt_format
 from model.clip import views as clip_views
 from model.cuda import to_device
@@ -437,7 +437,7 @@ class ClassProposer(nn.Module):
     def __init__(self, clip):
         super().__init__()
         self.clip = clip.requires_grad_(False).eval()
-        self.cache = {}             # (template, vocabulary, synonyms) -> the classes' text embeddings (V, E)
+        self.cache = {}             # (template, class lines) -> the classes' text embeddings (V, E)
 
     @torch.no_grad()
     def forward(self, image, vocabulary, tau_global=0.25, tau_patch=0.3, template="A photo of a {}.", synonyms=None):
@@ -464,7 +464,7 @@ class ClassProposer(nn.Module):
         without commas is its one prompt."""
         key = (template, lines)
         if key not in self.cache:
-            words = [[w.strip() for w in line.split(",") if w.strip()] or [line] for line in lines]
+            words = [synonyms_of(line) or [line] for line in lines]
             prompts = [template.format(w) for ws in words for w in ws]
             ids = self.clip.tokenizer(prompts).to(next(self.clip.parameters()).device)
             each = F.normalize(self.clip.text(ids)[1].float(), dim=-1)       # (sum of synonyms, E)

@@ -227,7 +227,7 @@ def test_eval_and_sample_on_the_cuda_path_in_half_precision(simulated, tiny_mode
 
 def test_bench_cuda_sections_run_on_the_toy_shapes(simulated, capsys):
     bench.main(["--device=cuda", "--shapes=toy", "--only=segment,e2e,choices,profile"])
-    gpu = bench.Target(torch.device("cpu"), "toy", 64, 64)
+    gpu = bench.Target(torch.device("cpu"), "toy", 64)
     bench.bench_cuda_train(gpu, batches=(2,))
     out = capsys.readouterr().out
     assert "simulated CUDA" in out and "E=8 S=2, 1 class" in out and "e2e       decoder checkpointing=1" in out
