@@ -1,75 +1,38 @@
 """DiGSeg: a pretrained Stable Diffusion 2 fine-tuned into a text-conditioned segmenter.
 
-Read this file first. It follows the paper:
+Read this file first. It follows the paper, top to bottom:
   Sec. 3.4  latent pathway        image and mask both go through the frozen SD VAE      encode_image, encode_mask
   Sec. 3.5  text conditioner      frozen CLIP text tower + trainable MLP -> cross-attention   context
   Sec. 3.6  training (Eq. 5, 6)   noise the mask latent (App. A.1), predict the noise, MSE    loss
   Sec. 3.7  inference (Eq. 7, 8)  DDIM-trailing from pure noise, ensemble in latent space     segment
+  App. A.3  mask generation       segment, aggregate;  class label generation: propose_classes (model/proposals.py)
   App. A.2  what is trained       trainable_parameter_names, text_skipped
-  App. A.3  mask generation       segment, aggregate;  class label generation: propose_classes
-  beyond    one step, end to end  e2e_loss (Garcia et al. 2024; not the paper)
+  then      building and saving   DiGSeg.from_weights / from_checkpoint / save, DiGSegConfig (at the end)
+  beyond    one step, end to end  e2e.py (Garcia et al. 2024; not the paper), joined in forward() and segment()
 
 Shapes: B batch, K classes, E ensemble members, (H, W) pixels, (h, w) = (H, W) / 8 latents.
-The checkpoint format lives in model/checkpoint.py, the GPU tuning in model/cuda.py.
+The diffusion math is model/diffusion.py, the checkpoint format model/checkpoint.py, the GPU
+tuning model/cuda.py.
 """
 import math
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.checkpoint import checkpoint
 
-from data import pil_to_tensor, synonyms_of, tensor_to_pil
+import e2e
+from data import pil_to_tensor
 from model import checkpoint as ckpt_format
-from model.clip import views as clip_views
 from model.cuda import to_device
-from model.diffusion import (PREDICTIONS, add_noise, ddim_sample, ddim_timesteps, multires_noise, predicted_x0_and_eps,
-                             scaled_linear_alphas_cumprod, velocity)
+from model.diffusion import (PREDICTIONS, add_noise, ddim_sample, ddim_timesteps, multires_noise, scaled_linear_alphas_cumprod,
+                             velocity)
+from model.proposals import ClassProposer
 from model.weights import WeightsError, load_clip, load_sd2
 
-CHOICES = {                                # the values each DiGSegConfig setting may take
-    "text": ("clip", "sd2"),
-    "text_embedding": ("tokens", "pooled"),
-    "trainable": ("all", "paper"),
-    "text_scales": ("all", "paper"),
-    "noise": ("gaussian", "multires", "multires_annealed"),
-    "target": PREDICTIONS,
-    "objective": ("diffusion", "e2e"),
-    "mask_loss": ("bce_dice", "mse"),
-}
-
-
-@dataclass
-class DiGSegConfig:
-    sd2: str = ""                   # SD2 weights: a diffusers folder or a single-file checkpoint
-    clip: str = ""                  # CLIP weights (HF folder or OpenAI .pt): the text conditioner, and the proposals
-    clip_vocab: str = ""            # bpe_simple_vocab_16e6.txt.gz, for OpenAI CLIP files without a vocabulary
-    text: str = "clip"              # CLIP text tower + MLP (Sec. 3.5), or SD2's own text encoder without an MLP
-    text_embedding: str = "tokens"  # what the MLP maps: CLIP's 77 token states (ours), or its pooled embedding t_c
-    trainable: str = "all"          # the whole U-Net + MLP, or App. A.2's set (trainable_parameter_names)
-    text_scales: str = "all"        # text into every cross-attention (ours), or at 1/4 and 1/8 only (App. A.2)
-    noise: str = "multires_annealed"  # Table 4's noise types (App. A.1)
-    noise_strength: float = 0.9     # s of the multi-resolution noise (App. A.1)
-    target: str = "epsilon"         # what the U-Net predicts (the paper: epsilon)
-    objective: str = "diffusion"    # the paper's loss (Eq. 6), or e2e: one step through the decoder (NOT the paper)
-    mask_loss: str = "bce_dice"     # objective=e2e: the loss on the decoded mask (mask_loss)
-    resolution: int = 512           # inference: the image's long side is resized to this (the paper: 512)
-    prompt_template: str = "a photo of a {}."   # the prompt of class c
-
-    def check(self):
-        for key, allowed in CHOICES.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"unknown {key} {getattr(self, key)!r}; valid: {', '.join(allowed)}")
-        if not 0 <= self.noise_strength <= 1:
-            raise ValueError(f"noise_strength {self.noise_strength}: expected a number in [0, 1] (App. A.1's s: level i "
-                             f"weighs (s t / T)^i, so s > 1 would let the coarsest noise outweigh the white noise)")
-        if self.text == "sd2" and self.text_embedding != "tokens":
-            raise ValueError("text_embedding='pooled' needs text='clip': SD2's own encoder feeds its token states")
-        return self
+ENSEMBLE = 8     # E, the seeds averaged in latent space (Eq. 8): the paper's "unless otherwise stated"
 
 
 class DiGSeg(nn.Module):
@@ -85,10 +48,9 @@ class DiGSeg(nn.Module):
         self.clip = clip            # frozen CLIP (text conditioner, and its vision tower for the proposals); may be None
         self.proposer = ClassProposer(clip) if hasattr(clip, "image") else None   # App. A.3 (use_proposal_clip)
         self.decoder_checkpointing = False   # e2e: recompute the decoder's activations in the backward pass
-        # SD2's schedule: on the model's device for training, on the host for the sampler's per-step scalars
-        self.register_buffer("alphas_cumprod", scaled_linear_alphas_cumprod().to(unet.conv_in.weight.device),
-                             persistent=False)
-        self.schedule_on_host = scaled_linear_alphas_cumprod()
+        # SD2's schedule alpha_bar_t (T,), on the host: the timesteps are drawn there, and the sampler's
+        # per-step scalars are read there (model.diffusion._gather)
+        self.alphas_cumprod = scaled_linear_alphas_cumprod()
         self.clear_caches()
         for frozen in (vae, text_encoder, clip):
             if frozen is not None:
@@ -113,6 +75,157 @@ class DiGSeg(nn.Module):
         self._prompt_cache = {}     # prompt -> frozen text features (77, D)
         if getattr(self, "proposer", None) is not None:
             self.proposer.cache.clear()
+
+    # ---- Sec. 3.4: the latent pathway ---------------------------------------------------
+
+    def encode_image(self, x):
+        """x (B, 3, H, W) in [-1, 1] -> z_x (B, 4, h, w): the mean of the VAE posterior, scaled.
+        fp32 whatever the frozen VAE computes in, so the sampler and Eq. 5 never round to bf16."""
+        return self.vae.encode(x.to(self.vae_dtype))[0].float() * self.vae_scale
+
+    def encode_mask(self, y):
+        """y (B, H, W) in {0, 1} -> z_y (B, 4, h, w): the mask as an image, 2y - 1 on 3 channels."""
+        return self.encode_image(mask_to_image(y))
+
+    def decode_mask(self, z):
+        """z (B, 4, h, w) -> M (B, H, W) in [0, 1]: decode, mean over RGB, back from [-1, 1]."""
+        return image_to_mask(self.vae.decode((z / self.vae_scale).to(self.vae_dtype)))
+
+    # ---- Sec. 3.5: the text conditioner ---------------------------------------------------
+
+    def text_hidden(self, prompts):
+        """Frozen text tower: prompts -> (B, 77, D), or (B, 1, E) with text_embedding="pooled". Each prompt
+        encoded once, alone: batched, its features would round by batch size (no bit-identical resume)."""
+        for p in dict.fromkeys(prompts):
+            if p not in self._prompt_cache:
+                ids = self.tokenizer([p]).to(self.device)                 # (1, 77)
+                n = self.tokenizer.token_counts([p])[0]
+                if n > ids.shape[1]:
+                    warnings.warn(f"prompt {p[:60]!r} has {n} tokens; it is truncated to {ids.shape[1]}")
+                with torch.no_grad():
+                    self._prompt_cache[p] = self.text_encoder(ids)[0]     # (77, D) or (1, E)
+        return torch.stack([self._prompt_cache[p] for p in prompts])
+
+    def context(self, prompts):
+        """prompts -> ctx (B, 77, 1024) for the U-Net cross-attention: MLP(CLIP(prompt)), Sec. 3.5."""
+        hidden = self.text_hidden(prompts)
+        if self.mlp is None:
+            return hidden.to(self.unet_dtype)
+        return self.mlp(hidden.to(self.mlp.fc1.weight.dtype))
+
+    # ---- Sec. 3.6: training (Eq. 5, Eq. 6) -----------------------------------------------
+
+    def loss(self, images, masks, prompts, generators, t_max_share=0.0):
+        """images (B, 3, H, W) in [-1, 1], masks (B, H, W) in {0, 1}, prompts: B strings -> scalar.
+        generators: one per sample (train.py seeds them by (seed, epoch, index)), so that a sample's
+        t and noise do not depend on the batch it is in. t_max_share: NOT the paper, which draws
+        t ~ U{0..T-1}; this share of the samples trains at t = T-1, the only timestep one-step
+        trailing inference visits (the toy preset, train.py)."""
+        if len(generators) != len(images):
+            raise ValueError(f"loss() needs one generator per sample: {len(generators)} for {len(images)} images")
+        with torch.no_grad():
+            z_x = self.encode_image(images)                       # (B, 4, h, w)
+            z_y = self.encode_mask(masks)                         # (B, 4, h, w)
+        t = torch.cat([self.sample_timestep(g, t_max_share) for g in generators])       # (B,) t ~ U{0..T-1}, host
+        eps = torch.cat([self.sample_noise(z_y.shape[1:], t[i], g) for i, g in enumerate(generators)])
+        eps = to_device(eps, self.device)
+        z_t = add_noise(z_y, eps, t, self.alphas_cumprod)         # Eq. 5
+        pred = self.predictor(z_x, self.context(prompts))(z_t, to_device(t, self.device))  # in: (B, 8, h, w)
+        if self.cfg.target == "epsilon":
+            target = eps
+        elif self.cfg.target == "v_prediction":
+            target = velocity(z_y, eps, t, self.alphas_cumprod)
+        else:
+            target = z_y
+        return F.mse_loss(pred, target)                           # Eq. 6
+
+    def forward(self, images, masks, prompts, generators, t_max_share=0.0, valid=None):
+        """The training objective, what train.py minimises (DistributedDataParallel wraps forward):
+        the paper's loss (Eq. 6), or with objective=e2e the end-to-end loss of e2e.py, over the
+        annotated pixels (valid). One of the two places the e2e objective joins; segment() the other."""
+        if self.cfg.objective == "e2e":
+            return e2e.loss(self, images, masks, prompts, valid)
+        return self.loss(images, masks, prompts, generators, t_max_share)
+
+    def sample_timestep(self, generator, t_max_share=0.0):
+        """One sample's t (1,) from its generator: uniform, or T-1 with probability t_max_share."""
+        T = len(self.alphas_cumprod)
+        if t_max_share > 0 and torch.rand((), generator=generator) < t_max_share:
+            return torch.full((1,), T - 1)
+        return torch.randint(0, T, (1,), generator=generator)
+
+    def sample_noise(self, shape, t, generator):
+        """The noise of one sample (1, C, h, w) at its timestep t, App. A.1. Drawn on the CPU from the
+        sample's own generator: the same numbers on any device, in any batch."""
+        if self.cfg.noise == "gaussian":
+            return torch.randn((1, *shape), generator=generator)
+        return multires_noise((1, *shape), t.reshape(1), T=len(self.alphas_cumprod), strength=self.cfg.noise_strength,
+                              annealed=self.cfg.noise == "multires_annealed", generator=generator)
+
+    def predictor(self, z_x, ctx):
+        """The U-Net as the sampler sees it (model.diffusion.ddim_sample knows no model): (z_t, t) ->
+        its output in float32, for N (prompt, noise) pairs: z_x (1 or N, 4, h, w) the image latent,
+        ctx (N, 77, C), z_t (N, 4, h, w), t an int or (N,) tensor."""
+        def predict(z_t, t):
+            t = timestep_tensor(t, z_t) if isinstance(t, int) else t
+            x = torch.cat([z_x.expand(len(z_t), -1, -1, -1), z_t], dim=1)          # (N, 8, h, w): Sec. 3.4
+            return self.unet(x.to(self.unet_dtype), t, ctx).float()
+        return predict
+
+    # ---- Sec. 3.7 and App. A.3 "Mask generation": inference --------------------------------
+
+    @torch.no_grad()
+    def segment(self, image, class_names, ensemble=ENSEMBLE, steps=1, spacing="trailing", seed=0, batch_size=8, eta=0.0,
+                long_side=None):
+        """image: PIL image or (3, H, W) tensor in [-1, 1]; K class names -> probs (K, H, W) in [0, 1].
+        For each class c and each member e: from z_T^e ~ N(0, I), S DDIM steps (Eq. 7) conditioned on
+        c's prompt; the members averaged in latent space, then decoded (Eq. 8): M_c = (mean_RGB
+        D(mean_e z_0^(c,e)) + 1) / 2. eta > 0: Eq. 7's sigma_t term. long_side: the working size's
+        long side (default cfg.resolution; eval.py's protocols set it). The K x E (class, member)
+        pairs are denoised batch_size at a time; member e's noise is seed + e's whatever the batch."""
+        if len(class_names) == 0:
+            raise ValueError("segment() needs at least one class name")
+        if not isinstance(ensemble, int) or ensemble < 1:
+            raise ValueError(f"the ensemble size E must be an integer >= 1, got {ensemble!r}")
+        x, size, box = prepare_image(image, long_side or self.cfg.resolution, size_multiple(self.vae, self.unet))
+        z_x = self.encode_image(to_device(x, self.device))                                      # (1, 4, h, w)
+        ctx = self.context([self.cfg.prompt_template.format(c) for c in class_names])           # (K, 77, C)
+        if self.cfg.objective == "e2e":
+            z_T, noises = e2e.start(z_x, ensemble, steps, spacing, eta)                          # z_T = 0, (1, 4, h, w)
+        else:
+            z_T, noises = member_noise(z_x.shape[1:], ensemble, steps, seed, eta, self.device)   # (E, 4, h, w)
+        K, E = len(ctx), len(z_T)
+        ctx, z_T = ctx.repeat_interleave(E, dim=0), z_T.repeat(K, 1, 1, 1)                   # (K*E, ...), class-major
+        noises = noises.repeat(1, K, 1, 1, 1) if noises is not None else None                  # (S, K*E, 4, h, w)
+        timesteps = ddim_timesteps(steps, len(self.alphas_cumprod), spacing)
+        z0 = []
+        for i in range(0, K * E, batch_size):
+            chunk = slice(i, i + batch_size)
+            z0.append(ddim_sample(self.predictor(z_x, ctx[chunk]), z_T[chunk], timesteps, self.alphas_cumprod,
+                                  self.cfg.target, eta, noises[:, chunk] if noises is not None else None))
+        z0 = torch.cat(z0).view(K, E, *z_T.shape[1:]).mean(dim=1)            # (K, 4, h, w): Eq. 8, in latent space
+        probs = torch.cat([self.decode_mask(z) for z in z0.split(batch_size)])                # (K, H', W')
+        return crop_back(probs, box, size)                                                     # (K, H, W)
+
+    # ---- App. A.3 "Class label generation" ----------------------------------------------
+
+    def propose_classes(self, image, vocabulary, tau_global=0.25, tau_patch=0.3, template="A photo of a {}.",
+                        synonyms=None):
+        """The candidate classes of an image among `vocabulary` (distinct names; synonyms: their
+        synonym lines) -> (classes, scores): ClassProposer, with the proposal CLIP if one is set
+        (use_proposal_clip), else the conditioner's."""
+        if self.proposer is None:
+            raise ValueError("propose_classes needs a CLIP model with a vision tower (clip_path)")
+        return self.proposer(image, vocabulary, tau_global, tau_patch, template, synonyms)
+
+    def use_proposal_clip(self, path, vocab=None):
+        """Propose classes with another CLIP than the conditioner's, e.g. ViT-B/16 (Table 1 lists
+        DiGSeg with it) beside ViT-L/14 text (App. A.2). Frozen, not part of the checkpoint."""
+        clip = load_clip(path, dtype=self.vae_dtype, device=self.device, vocab=vocab)
+        if not hasattr(clip, "image"):
+            raise WeightsError(f"{path}: a proposal CLIP needs a vision tower")
+        self.proposer = ClassProposer(clip)
+        return self
 
     # ---- building and saving (the format: model/checkpoint.py) ---------------------------------
 
@@ -151,21 +264,6 @@ class DiGSeg(nn.Module):
     def save(self, out_dir):
         ckpt_format.save(self, out_dir)
 
-    # ---- Sec. 3.4: the latent pathway ---------------------------------------------------
-
-    def encode_image(self, x):
-        """x (B, 3, H, W) in [-1, 1] -> z_x (B, 4, h, w): the mean of the VAE posterior, scaled.
-        fp32 whatever the frozen VAE computes in, so the sampler and Eq. 5 never round to bf16."""
-        return self.vae.encode(x.to(self.vae_dtype))[0].float() * self.vae_scale
-
-    def encode_mask(self, y):
-        """y (B, H, W) in {0, 1} -> z_y (B, 4, h, w): the mask as an image, 2y - 1 on 3 channels."""
-        return self.encode_image(mask_to_image(y))
-
-    def decode_mask(self, z):
-        """z (B, 4, h, w) -> M (B, H, W) in [0, 1]: decode, mean over RGB, back from [-1, 1]."""
-        return image_to_mask(self.vae.decode((z / self.vae_scale).to(self.vae_dtype)))
-
     @property
     def vae_dtype(self):
         return next(self.vae.parameters()).dtype
@@ -178,152 +276,6 @@ class DiGSeg(nn.Module):
     def device(self):
         return self.unet.conv_in.weight.device
 
-    # ---- Sec. 3.5: the text conditioner ---------------------------------------------------
-
-    def text_hidden(self, prompts):
-        """Frozen text tower: prompts -> (B, 77, D), or (B, 1, E) with text_embedding="pooled". Each prompt
-        encoded once, alone: batched, its features would round by batch size (no bit-identical resume)."""
-        for p in dict.fromkeys(prompts):
-            if p not in self._prompt_cache:
-                ids = self.tokenizer([p]).to(self.device)                 # (1, 77)
-                n = self.tokenizer.token_counts([p])[0]
-                if n > ids.shape[1]:
-                    warnings.warn(f"prompt {p[:60]!r} has {n} tokens; it is truncated to {ids.shape[1]}")
-                with torch.no_grad():
-                    self._prompt_cache[p] = self.text_encoder(ids)[0]     # (77, D) or (1, E)
-        return torch.stack([self._prompt_cache[p] for p in prompts])
-
-    def context(self, prompts):
-        """prompts -> ctx (B, 77, 1024) for the U-Net cross-attention: MLP(CLIP(prompt)), Sec. 3.5."""
-        hidden = self.text_hidden(prompts)
-        if self.mlp is None:
-            return hidden.to(self.unet_dtype)
-        return self.mlp(hidden.to(self.mlp.fc1.weight.dtype))
-
-    # ---- Sec. 3.6: training (Eq. 5, Eq. 6) -----------------------------------------------
-
-    def loss(self, images, masks, prompts, generators, t_max_share=0.0, valid=None):
-        """images (B, 3, H, W) in [-1, 1], masks (B, H, W) in {0, 1}, prompts: B strings -> scalar.
-        generators: one per sample (train.py seeds them by (seed, epoch, index)), so that a sample's
-        t and noise do not depend on the batch it is in. t_max_share: NOT the paper, which draws
-        t ~ U{0..T-1}; this share of the samples trains at t = T-1, the only timestep one-step
-        trailing inference visits (the toy preset, train.py). valid: e2e_loss's ignore mask."""
-        if self.cfg.objective == "e2e":
-            return e2e_loss(self, images, masks, prompts, valid)
-        if len(generators) != len(images):
-            raise ValueError(f"loss() needs one generator per sample: {len(generators)} for {len(images)} images")
-        with torch.no_grad():
-            z_x = self.encode_image(images)                       # (B, 4, h, w)
-            z_y = self.encode_mask(masks)                         # (B, 4, h, w)
-        t = torch.cat([self.sample_timestep(g, t_max_share) for g in generators])       # (B,) t ~ U{0..T-1}
-        eps = torch.cat([self.sample_noise(z_y.shape[1:], t[i], g) for i, g in enumerate(generators)])
-        t, eps = to_device(t, self.device), to_device(eps, self.device)
-        z_t = add_noise(z_y, eps, t, self.alphas_cumprod)         # Eq. 5
-        pred = self.unet(torch.cat([z_x, z_t], dim=1).to(self.unet_dtype), t, self.context(prompts))  # in: (B, 8, h, w)
-        if self.cfg.target == "epsilon":
-            target = eps
-        elif self.cfg.target == "v_prediction":
-            target = velocity(z_y, eps, t, self.alphas_cumprod)
-        else:
-            target = z_y
-        return F.mse_loss(pred.float(), target)                   # Eq. 6
-
-    def forward(self, images, masks, prompts, generators, t_max_share=0.0, valid=None):
-        """The training loss, so that DistributedDataParallel (which wraps forward) can be used."""
-        return self.loss(images, masks, prompts, generators, t_max_share, valid)
-
-    def sample_timestep(self, generator, t_max_share=0.0):
-        """One sample's t (1,) from its generator: uniform, or T-1 with probability t_max_share."""
-        T = len(self.alphas_cumprod)
-        if t_max_share > 0 and torch.rand((), generator=generator) < t_max_share:
-            return torch.full((1,), T - 1)
-        return torch.randint(0, T, (1,), generator=generator)
-
-    def sample_noise(self, shape, t, generator):
-        """The noise of one sample (1, C, h, w) at its timestep t, App. A.1. Drawn on the CPU from the
-        sample's own generator: the same numbers on any device, in any batch."""
-        if self.cfg.noise == "gaussian":
-            return torch.randn((1, *shape), generator=generator)
-        return multires_noise((1, *shape), t.reshape(1), T=len(self.alphas_cumprod), strength=self.cfg.noise_strength,
-                              annealed=self.cfg.noise == "multires_annealed", generator=generator)
-
-    # ---- Sec. 3.7 and App. A.3 "Mask generation": inference --------------------------------
-
-    @torch.no_grad()
-    def segment(self, image, class_names, ensemble=8, steps=1, spacing="trailing", seed=0, batch_size=8, eta=0.0,
-                long_side=None):
-        """image: PIL image or (3, H, W) tensor in [-1, 1]; K class names -> probs (K, H, W) in [0, 1].
-        For each class c and each member e: from z_T^e ~ N(0, I), S DDIM steps (Eq. 7) conditioned on
-        c's prompt; the members averaged in latent space, then decoded (Eq. 8): M_c = (mean_RGB
-        D(mean_e z_0^(c,e)) + 1) / 2. eta > 0: Eq. 7's sigma_t term. long_side: the working size's
-        long side (default cfg.resolution; eval.py's protocols set it)."""
-        if len(class_names) == 0:
-            raise ValueError("segment() needs at least one class name")
-        if not isinstance(ensemble, int) or ensemble < 1:
-            raise ValueError(f"the ensemble size E must be an integer >= 1, got {ensemble!r}")
-        x, size, box = prepare_image(image, long_side or self.cfg.resolution, size_multiple(self.vae, self.unet))
-        z_x = self.encode_image(to_device(x, self.device))                                      # (1, 4, h, w)
-        ctx = self.context([self.cfg.prompt_template.format(c) for c in class_names])           # (K, 77, C)
-        if self.cfg.objective == "e2e":           # beyond the paper: one step from z_T = 0 (e2e_inference)
-            e2e_inference(ensemble, steps, spacing, eta)
-            z_T, noises = torch.zeros_like(z_x), None
-        else:                                     # member e: the noise of seed + e, (E, 4, h, w)
-            z_T, noises = member_noise(z_x.shape[1:], ensemble, steps, seed, eta, self.device)
-        z0 = self.denoise_pairs(z_x, ctx, z_T, steps, spacing, eta, noises, batch_size)        # (K, E, 4, h, w)
-        z0 = z0.mean(dim=1)                                                   # (K, 4, h, w): Eq. 8, in latent space
-        probs = torch.cat([self.decode_mask(z) for z in z0.split(batch_size)])                # (K, H', W')
-        return crop_back(probs, box, size)                                                     # (K, H, W)
-
-    def denoise_pairs(self, z_x, ctx, z_T, steps, spacing, eta, noises, batch_size):
-        """Every (class k, member e) pair, batch_size pairs per U-Net call, laid out flat (class-major)
-        in contiguous chunks: ctx (K, 77, C), z_T (E, 4, h, w), noises (S, E, 4, h, w) or None -> z_0 (K, E, 4, h, w)."""
-        K, E = len(ctx), len(z_T)
-        ctx = ctx.repeat_interleave(E, dim=0)                                  # (K*E, 77, C)
-        z_T = z_T.repeat(K, 1, 1, 1)                                           # (K*E, 4, h, w)
-        noises = noises.repeat(1, K, 1, 1, 1) if noises is not None else None  # (S, K*E, 4, h, w)
-        z0 = [self.denoise(z_x, z_T[i:i + batch_size], ctx[i:i + batch_size], steps, spacing, eta,
-                           noises[:, i:i + batch_size] if noises is not None else None)
-              for i in range(0, K * E, batch_size)]
-        return torch.cat(z0).view(K, E, *z_T.shape[1:])
-
-    def denoise(self, z_x, z_T, ctx, steps, spacing, eta=0.0, noises=None):
-        """S DDIM steps (Eq. 7, model.diffusion.ddim_step) from z_T (N, 4, h, w) for N (prompt, noise)
-        pairs -> z_0 (N, 4, h, w). Deterministic with eta = 0 (Sec. 4.1); eta > 0 needs `noises`."""
-        for step in self.denoise_steps(z_x, z_T, ctx, steps, spacing, eta, noises):
-            pass
-        return step["z_prev"]
-
-    def denoise_steps(self, z_x, z_T, ctx, steps, spacing, eta=0.0, noises=None):
-        """The same as an iterator over the steps (model.diffusion.ddim_sample): for each, a dict of
-        t, z_t, pred (the U-Net's output), x0 (x0_hat) and z_prev, all (N, 4, h, w) in float32."""
-        cond = z_x.expand(len(z_T), -1, -1, -1)
-
-        def predict(z, t):   # U-Net input: cat([z_x, z_t]) on the channel axis, (N, 8, h, w); t an int
-            return self.unet(torch.cat([cond, z], dim=1).to(self.unet_dtype), timestep_tensor(t, z), ctx).float()
-
-        T = len(self.alphas_cumprod)
-        yield from ddim_sample(predict, z_T.float(), ddim_timesteps(steps, T, spacing), self.schedule_on_host,
-                               self.cfg.target, T, eta, noises)
-
-    # ---- App. A.3 "Class label generation" ----------------------------------------------
-
-    def propose_classes(self, image, vocabulary, tau_global=0.25, tau_patch=0.3, template="A photo of a {}.",
-                        synonyms=None):
-        """The candidate classes of an image among `vocabulary` (distinct names; synonyms: their
-        synonym lines) -> (classes, scores): ClassProposer, with the proposal CLIP if one is set
-        (use_proposal_clip), else the conditioner's."""
-        if self.proposer is None:
-            raise ValueError("propose_classes needs a CLIP model with a vision tower (clip_path)")
-        return self.proposer(image, vocabulary, tau_global, tau_patch, template, synonyms)
-
-    def use_proposal_clip(self, path, vocab=None):
-        """Propose classes with another CLIP than the conditioner's, e.g. ViT-B/16 (Table 1 lists
-        DiGSeg with it) beside ViT-L/14 text (App. A.2). Frozen, not part of the checkpoint."""
-        clip = load_clip(path, dtype=self.vae_dtype, device=self.device, vocab=vocab)
-        if not hasattr(clip, "image"):
-            raise WeightsError(f"{path}: a proposal CLIP needs a vision tower")
-        self.proposer = ClassProposer(clip)
-        return self
 
 
 # ---- the pieces of the method, as functions ---------------------------------------------------
@@ -395,82 +347,6 @@ def crop_back(probs, box, size):
     top, left, h, w = box
     probs = probs[:, top:top + h, left:left + w]
     return F.interpolate(probs[None], size=size, mode="bilinear", align_corners=False)[0].clamp(0, 1)
-
-
-def select_candidates(image_embed, patch_embeds, text_embeds, vocabulary, tau_global=0.25, tau_patch=0.3):
-    """image_embed (E,), patch_embeds (N, E), text_embeds (V, E) -> (classes, scores).
-
-    Global: keep c when cos(image, text_c) > tau_global (the paper: 0.25).
-    Patch-level refinement: also keep c when its best patch, max_n cos(patch_n, text_c), exceeds
-    tau_patch -- small objects that do not dominate the global embedding. Scores are the larger of
-    the two similarities, and the classes come back sorted by score."""
-    t = F.normalize(text_embeds.float(), dim=-1)
-    g = F.normalize(image_embed.float(), dim=-1) @ t.T                         # (V,)
-    p = (F.normalize(patch_embeds.float(), dim=-1) @ t.T).max(dim=0).values    # (V,)
-    g, p = torch.stack([g, p]).tolist()                                        # one copy to the host, not one per class
-    scores = {c: {"global": g[i], "patch": p[i]} for i, c in enumerate(vocabulary) if g[i] > tau_global or p[i] > tau_patch}
-    order = sorted(scores, key=lambda c: -max(scores[c].values()))
-    return order, {c: scores[c] for c in order}
-
-
-@contextmanager
-def cross_attention_maps(unet):
-    """Record the U-Net's cross-attention to the text (Sec. 3.5: text-to-region binding) while the
-    block runs: yields {module name: list of (N, h_l * w_l, 77) maps, one per call}, each the
-    attention probabilities of every latent position over the prompt tokens, averaged over heads;
-    h_l x w_l is the resolution of that U-Net level. Outputs are unchanged."""
-    layers = {n: m for n, m in unet.named_modules() if n.endswith("attn2")}
-    for m in layers.values():
-        m.maps = []
-    try:
-        yield {n: m.maps for n, m in layers.items()}
-    finally:
-        for m in layers.values():
-            m.maps = None
-
-
-class ClassProposer(nn.Module):
-    """App. A.3 "class label generation": a frozen CLIP picks an image's candidate classes among a
-    vocabulary, by the similarity of its image and patch embeddings to the class prompts
-    (select_candidates), on the whole image (model.clip.views), not CLIP's centre crop."""
-
-    def __init__(self, clip):
-        super().__init__()
-        self.clip = clip.requires_grad_(False).eval()
-        self.cache = {}             # (template, class lines) -> the classes' text embeddings (V, E)
-
-    @torch.no_grad()
-    def forward(self, image, vocabulary, tau_global=0.25, tau_patch=0.3, template="A photo of a {}.", synonyms=None):
-        """image: PIL or (3, H, W) in [-1, 1] -> (classes sorted by score, {class: scores}).
-        vocabulary: distinct class names; synonyms: each class's synonym line ("a, b, c"), whose
-        embeddings are averaged (text_embeddings), or None: the names alone."""
-        if len(set(vocabulary)) != len(vocabulary):
-            raise ValueError(f"the vocabulary repeats {sorted({c for c in vocabulary if vocabulary.count(c) > 1})}: "
-                             f"classes are told apart by their names (data.class_names_of makes them distinct)")
-        p = next(self.clip.parameters())
-        whole, tiles = clip_views(image if isinstance(image, Image.Image) else tensor_to_pil(image),
-                                  self.clip.config.vision_config.image_size)
-        square = len(tiles) == 1                                             # the image is its own tile
-        views = whole if square else torch.cat([whole, tiles])               # (1 [+ n], 3, S, S): one copy
-        img, patches = self.clip.image(to_device(views, p.device).to(p.dtype))   # (1 [+ n], E), (1 [+ n], N, E)
-        patches = patches[0] if square else patches[1:].flatten(0, 1)        # the tiles' patches (n*N, E)
-        text = self.text_embeddings(tuple(synonyms or vocabulary), template)
-        return select_candidates(img[0], patches, text, vocabulary, tau_global, tau_patch)
-
-    def text_embeddings(self, lines, template):
-        """One embedding per class line (V, E): the pooled, projected CLIP embedding of each synonym's
-        prompt, normalised, averaged over the line's synonyms and normalised again, as CAT-Seg builds
-        its class embeddings (cvlab-kaist/CAT-Seg, cat_seg_predictor.py, class_embeddings); a line
-        without commas is its one prompt."""
-        key = (template, lines)
-        if key not in self.cache:
-            words = [synonyms_of(line) or [line] for line in lines]
-            prompts = [template.format(w) for ws in words for w in ws]
-            ids = self.clip.tokenizer(prompts).to(next(self.clip.parameters()).device)
-            each = F.normalize(self.clip.text(ids)[1].float(), dim=-1)       # (sum of synonyms, E)
-            self.cache[key] = F.normalize(torch.stack([m.mean(dim=0) for m in each.split([len(ws) for ws in words])]),
-                                          dim=-1)                            # (V, E)
-        return self.cache[key]
 
 
 # ---- App. A.2: what is trained, and where the text goes ----------------------------------------
@@ -576,55 +452,44 @@ class TextHidden(nn.Module):
         return embedding[:, None] if self.pooled else hidden
 
 
-# ---- beyond the paper: the e2e objective's pieces -------------------------------------------------
+# ---- the configuration: what a checkpoint's digseg.json holds ------------------------------------
 
-E2E_LOGIT_SCALE = 6.0     # bce_dice reads M_c = 0.5 as an even chance and M_c = 1 (0) as sigmoid(+-6), near certain
-
-
-def mask_loss(m, y, valid=None, kind="bce_dice"):
-    """The e2e objective's loss between M (B, H, W), decoded and not clamped, and the mask y (B, H, W)
-    in {0, 1}, over the valid pixels (all when valid is None).
-      mse:      the pixel mean of (M - y)^2;
-      bce_dice: binary cross-entropy on the logit k (2M - 1), k = E2E_LOGIT_SCALE, so that M = 0.5,
-                inference's background threshold, is the decision boundary and no pixel, however far
-                outside [0, 1] it decodes, loses its gradient; plus the soft Dice loss of each sample
-                on sigmoid(logit), smoothed by 1, so that a small shape weighs as much as a large one."""
-    valid = torch.ones_like(y) if valid is None else valid.float()
-    n = valid.sum().clamp(min=1)
-    if kind == "mse":
-        return ((m - y) ** 2 * valid).sum() / n
-    logit = E2E_LOGIT_SCALE * (2 * m - 1)
-    bce = (F.binary_cross_entropy_with_logits(logit, y, reduction="none") * valid).sum() / n
-    p, y = torch.sigmoid(logit) * valid, y * valid
-    dice = 1 - (2 * (p * y).sum(dim=(1, 2)) + 1) / (p.sum(dim=(1, 2)) + y.sum(dim=(1, 2)) + 1)
-    return bce + dice.mean()
+CHOICES = {                                # the values each DiGSegConfig setting may take
+    "text": ("clip", "sd2"),
+    "text_embedding": ("tokens", "pooled"),
+    "trainable": ("all", "paper"),
+    "text_scales": ("all", "paper"),
+    "noise": ("gaussian", "multires", "multires_annealed"),
+    "target": PREDICTIONS,
+    "objective": ("diffusion", "e2e"),
+    "mask_loss": ("bce_dice", "mse"),
+}
 
 
-def e2e_loss(model, images, masks, prompts, valid=None):
-    """NOT the paper: the one-step model fine-tuned end to end (Garcia et al. 2024 did it for depth
-    and normals). Every sample at t = T-1 with the mask-latent input zeros; the U-Net's output ->
-    x0_hat -> the frozen decoder *with* its autograd graph -> M_c, the channel mean as at inference
-    but not clamped -> mask_loss against the mask, over the annotated pixels. The same computation
-    as segment()'s one trailing step from z_T = 0 (e2e_inference). DiGSeg.loss calls it."""
-    T = len(model.alphas_cumprod)
-    with torch.no_grad():
-        z_x = model.encode_image(images)                                   # (B, 4, h, w)
-    z_T = torch.zeros_like(z_x)
-    pred = model.unet(torch.cat([z_x, z_T], dim=1).to(model.unet_dtype), timestep_tensor(T - 1, z_T), model.context(prompts))
-    x0, _ = predicted_x0_and_eps(pred.float(), z_T, T - 1, model.schedule_on_host, model.cfg.target)
-    z = (x0 / model.vae_scale).to(model.vae_dtype)
-    rgb = checkpoint(model.vae.decode, z, use_reentrant=False) if model.decoder_checkpointing else model.vae.decode(z)
-    with torch.autocast(model.device.type, enabled=False):                # the loss in fp32
-        m = (rgb.float().mean(dim=1) + 1) / 2                              # (B, 3, H, W) -> (B, H, W), not clamped
-        return mask_loss(m, masks.float(), valid, model.cfg.mask_loss)
+@dataclass
+class DiGSegConfig:
+    sd2: str = ""                   # SD2 weights: a diffusers folder or a single-file checkpoint
+    clip: str = ""                  # CLIP weights (HF folder or OpenAI .pt): the text conditioner, and the proposals
+    clip_vocab: str = ""            # bpe_simple_vocab_16e6.txt.gz, for OpenAI CLIP files without a vocabulary
+    text: str = "clip"              # CLIP text tower + MLP (Sec. 3.5), or SD2's own text encoder without an MLP
+    text_embedding: str = "tokens"  # what the MLP maps: CLIP's 77 token states (ours), or its pooled embedding t_c
+    trainable: str = "all"          # the whole U-Net + MLP, or App. A.2's set (trainable_parameter_names)
+    text_scales: str = "all"        # text into every cross-attention (ours), or at 1/4 and 1/8 only (App. A.2)
+    noise: str = "multires_annealed"  # Table 4's noise types (App. A.1)
+    noise_strength: float = 0.9     # s of the multi-resolution noise (App. A.1)
+    target: str = "epsilon"         # what the U-Net predicts (the paper: epsilon)
+    objective: str = "diffusion"    # the paper's loss (Eq. 6), or e2e: one step through the decoder (NOT the paper)
+    mask_loss: str = "bce_dice"     # objective=e2e: the loss on the decoded mask (mask_loss)
+    resolution: int = 512           # inference: the image's long side is resized to this (the paper: 512)
+    prompt_template: str = "a photo of a {}."   # the prompt of class c
 
-
-def e2e_inference(ensemble, steps, spacing, eta):
-    """An e2e checkpoint is one computation: one trailing step at t = T-1 from z_T = 0, as it was
-    trained. Other steps, a spacing or eta would run something it was not trained for: refused. An
-    ensemble of E members would be E identical copies: one is run, with a warning."""
-    if steps != 1 or spacing != "trailing" or eta != 0:
-        raise ValueError(f"this checkpoint was fine-tuned end to end (objective=e2e): it segments in one "
-                         f"deterministic step, steps=1 spacing=trailing eta=0; got steps={steps} spacing={spacing} eta={eta}")
-    if ensemble > 1:
-        warnings.warn(f"objective=e2e: the {ensemble} ensemble members would be identical (z_T = 0); one is run")
+    def check(self):
+        for key, allowed in CHOICES.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"unknown {key} {getattr(self, key)!r}; valid: {', '.join(allowed)}")
+        if not 0 <= self.noise_strength <= 1:
+            raise ValueError(f"noise_strength {self.noise_strength}: expected a number in [0, 1] (App. A.1's s: level i "
+                             f"weighs (s t / T)^i, so s > 1 would let the coarsest noise outweigh the white noise)")
+        if self.text == "sd2" and self.text_embedding != "tokens":
+            raise ValueError("text_embedding='pooled' needs text='clip': SD2's own encoder feeds its token states")
+        return self

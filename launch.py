@@ -1,4 +1,5 @@
-"""How a script starts: settings, device and dtype, torchrun processes, and one-line errors.
+"""How a script starts and where a run lives: settings, device and dtype, torchrun processes, one-line
+errors, and the run folder of train.py's checkpoints.
 
 Shared by train.py, eval.py, sample.py, toy.py and bench.py, which never import each other.
 Every script has one dataclass of settings; each field is a --key=value flag, typed by the field,
@@ -15,15 +16,19 @@ Set --debug=1 or DIGSEG_DEBUG=1 to see the traceback of an error.
 """
 import dataclasses
 import inspect
+import json
 import os
+import shutil
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from digseg import ENSEMBLE
 from model import cuda
+from model.files import torch_save_atomic, write_text_atomic
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
@@ -45,7 +50,7 @@ class Inference:
     clip: str = ""                   # the CLIP base weights, where they moved since training
     proposal_clip: str = ""          # another CLIP with a vision tower, for the proposals only (e.g. ViT-B/16, Table 1)
     clip_vocab: str = ""             # bpe_simple_vocab_16e6.txt.gz, for an OpenAI .pt proposal_clip
-    ensemble: int = 1                # E, seeds averaged in latent space (Eq. 8); the paper: 8 "unless otherwise stated", main tables E x S = 8 x 2
+    ensemble: int = ENSEMBLE         # E, seeds averaged in latent space (Eq. 8); the paper: 8 "unless otherwise stated", main tables E x S = 8 x 2
     steps: int = 1                   # S, DDIM steps (Eq. 7); the paper's main tables: 2
     spacing: str = "trailing"        # DDIM timesteps (Sec. 4.3)
     eta: float = 0.0                 # Eq. 7's sigma_t: 0 = deterministic DDIM (the paper, Sec. 4.1)
@@ -199,7 +204,7 @@ def wants_help(argv):
 @dataclass
 class Processes:
     rank: int
-    world: int
+    count: int                       # processes in all (torchrun's WORLD_SIZE)
     local_rank: int
     device: torch.device
     ddp: bool = False               # a process group, and the model wrapped in DDP
@@ -237,16 +242,16 @@ def start_processes(device="auto", force_ddp=False):
     """One process, or torchrun's (WORLD_SIZE > 1): NCCL on CUDA, gloo on the CPU. Each process
     takes the GPU of its LOCAL_RANK. force_ddp: a process group (and DDP) in one process too, under
     torchrun --nproc_per_node=1, so that the DDP path can be checked on a machine with one GPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    count = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = pick_device(device, local_rank)
     if force_ddp and "MASTER_ADDR" not in os.environ:
         raise UsageError("--force_ddp=1 needs torchrun's environment: torchrun --nproc_per_node=1 train.py ...")
-    ddp = world > 1 or force_ddp
+    ddp = count > 1 or force_ddp
     if ddp:
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     cuda.set_device(dev)
-    return Processes(dist.get_rank() if ddp else 0, world, local_rank, dev, ddp)
+    return Processes(dist.get_rank() if ddp else 0, count, local_rank, dev, ddp)
 
 
 def stop_processes(procs):
@@ -286,3 +291,69 @@ def run(main):
         code = 2
     sys.exit(code if isinstance(code, int) else 0)
 
+
+# ---- the run folder: train.py's checkpoints ------------------------------------------------------------------------------
+
+def checkpoints(out_dir):
+    """[(step, folder)] of the complete checkpoints in out_dir, oldest first."""
+    found = []
+    for name in sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []:
+        folder = os.path.join(out_dir, name)
+        if (name == "checkpoint" or name.startswith("checkpoint-")) and os.path.isfile(
+                os.path.join(folder, "train_state.pt")):
+            found.append((checkpoint_step(folder), folder))
+    return sorted(found)
+
+
+def checkpoint_step(folder):
+    """The step of a checkpoint, from its progress.json (older checkpoints: from train_state.pt)."""
+    if os.path.isfile(os.path.join(folder, "progress.json")):
+        with open(os.path.join(folder, "progress.json")) as f:
+            return json.load(f)["step"]
+    return torch.load(os.path.join(folder, "train_state.pt"), map_location="cpu", weights_only=True)["step"]
+
+
+def find_checkpoint(path):
+    """A checkpoint folder, or a run's out_dir -> its newest checkpoint."""
+    if os.path.isfile(os.path.join(path, "train_state.pt")):
+        return os.path.normpath(path)
+    found = checkpoints(path)
+    if not found:
+        raise UsageError(f"--resume={path}: neither a checkpoint folder (with train_state.pt) nor a run folder "
+                         f"holding checkpoint/")
+    return found[-1][1]
+
+
+def save_checkpoint(out_dir, model, state, s):
+    """Atomic: everything goes to checkpoint.tmp/ (each file fsynced); then the newest checkpoint/
+    becomes checkpoint-<its step>/ and checkpoint.tmp/ becomes checkpoint/, by renames, so a crash
+    at any moment leaves complete checkpoints. Keeps the newest `s.keep`."""
+    tmp, final = os.path.join(out_dir, "checkpoint.tmp"), os.path.join(out_dir, "checkpoint")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save(tmp)                                   # trainable weights (safetensors) + config (JSON)
+    torch_save_atomic(state, os.path.join(tmp, "train_state.pt"))  # optimizer, scaler, RNG, data position
+    write_text_atomic(os.path.join(tmp, "settings.json"), json.dumps(asdict(s), indent=2))
+    write_text_atomic(os.path.join(tmp, "progress.json"), json.dumps(
+        {"step": state["step"], "loss": state["losses"][-1][1] if state["losses"] else None}, indent=2))
+    for step, folder in checkpoints(out_dir):
+        if folder == final:
+            os.replace(final, os.path.join(out_dir, f"checkpoint-{step:07d}"))
+    os.replace(tmp, final)
+    for _, folder in checkpoints(out_dir)[:-s.keep]:
+        shutil.rmtree(folder)
+
+
+def prepare_out_dir(s, resumed_from):
+    """Refuse to overwrite a run by mistake: a fresh run into an out_dir with checkpoints, or a
+    resume from an older checkpoint of a run that has newer ones (they would be replaced)."""
+    elsewhere = (resumed_from is not None and
+                 os.path.abspath(os.path.dirname(resumed_from[1])) != os.path.abspath(s.out_dir))
+    later = [f for step, f in checkpoints(s.out_dir)                # all of them in another run's folder
+             if resumed_from is None or elsewhere or step > resumed_from[0]]
+    if later and not s.overwrite:
+        what = "a fresh run" if resumed_from is None else f"resuming from step {resumed_from[0]}"
+        raise UsageError(f"--out_dir={s.out_dir} holds checkpoints ({', '.join(map(os.path.basename, later))}) that "
+                         f"{what} would replace; pass --overwrite=1 to replace them, or another --out_dir")
+    for folder in later:
+        shutil.rmtree(folder)
+    os.makedirs(s.out_dir, exist_ok=True)

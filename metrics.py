@@ -9,7 +9,7 @@ of it appear in papers (they differ when a class never occurs in the evaluated g
 Both come from the same matrix; say which one a table reports.
 
 Pixels of several classes (Agriculture-Vision's labels overlap) carry SEVERAL + b in the ground
-truth, b the bitmask of their classes (data.py decodes them); confusion_matrix scores them by the
+truth, b the bitmask of their classes (data/layouts.py decodes them); confusion_matrix scores them by the
 challenge's rule (github.com/SHI-Labs/Agriculture-Vision, "Evaluation metric").
 """
 import csv

@@ -83,7 +83,6 @@ class Settings(Inference):
     classes_file: str = ""           # a file with one class name per line
     vocab: str = ""                  # a vocabulary (classes/NAME.txt or a file); CLIP proposes candidates (App. A.3)
     out: str = "out/sample"          # where the PNGs and JSONs go
-    ensemble: int = 8
 
 
 def main(argv=None):

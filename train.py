@@ -17,7 +17,7 @@ refuses an out_dir that holds checkpoints unless --overwrite=1; --resume writes 
 folder, or into --out_dir when given.
 
 Reproducibility: the data order comes from a seeded DistributedSampler per epoch, augmentation
-and the class drawn per sample are seeded by (seed, epoch, index) in data.py, and the timestep
+and the class drawn per sample are seeded by (seed, epoch, index) in data/, and the timestep
 and noise of every sample by (seed, epoch, index) here. So a run is the same whether it runs on
 1 process with batch 2 or on 2 processes with batch 1, and a resumed run is bit-identical to an
 uninterrupted one (on CPU; GPU kernels may be non-deterministic).
@@ -25,10 +25,9 @@ uninterrupted one (on CPU; GPU kernels may be non-deterministic).
 import json
 import math
 import os
-import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import torch
 import torch.distributed as dist
@@ -38,20 +37,20 @@ from torch.utils.data import DataLoader, DistributedSampler
 import data
 import digseg
 from digseg import DiGSeg, DiGSegConfig, aggregate
-from launch import (DTYPES, POSITIVE, SHARE, UsageError, apply_flags, check_ranges, parse_settings, run, split_flags,
-                    start_processes, stop_processes, wants_help)
+from launch import (DTYPES, POSITIVE, SHARE, UsageError, apply_flags, check_ranges, checkpoint_step, checkpoints,
+                    find_checkpoint, parse_settings, prepare_out_dir, run, save_checkpoint, split_flags, start_processes,
+                    stop_processes, wants_help)
 from metrics import confusion_matrix, miou
 from model import cuda
-from model.weights import torch_save_atomic, write_text_atomic
 from plot import line_plot
 
 
 @dataclass
 class Settings(DiGSegConfig):
     # the model: every field of digseg.DiGSegConfig (sd2, clip, text, trainable, noise, target, ...)
-    # data (data.py)
+    # data (data/)
     dataset: str = "toy"             # toy, a benchmark of data.DATASETS, or folder (your own)
-    data_root: str = "data"          # the dataset's folder (merged sets: ROOT1,ROOT2)
+    data_root: str = "datasets"      # the dataset's folder (merged sets: ROOT1,ROOT2)
     size: int = 512                  # training crop (the paper: 512)
     fraction: float = 1.0            # data-efficiency experiment: 1, 1/2, ... 1/16 (fixed, seeded subset)
     p_absent: float = 0.0            # probability of drawing an absent class with an empty mask
@@ -67,28 +66,31 @@ class Settings(DiGSegConfig):
     decay: str = "constant"          # after warmup, down to min_lr at max_steps
     min_lr: float = 0.0              # the end of the decay
     grad_clip: float = 1.0           # ours, 0 = off (the paper names no clipping)
+    seed: int = 0                    # the data order, classes, timesteps and noise of every sample
+    # precision, memory and speed
     dtype: str = "bf16"              # autocast dtype, ours (the paper names none); GradScaler only for fp16
     grad_checkpointing: bool = False  # recompute U-Net activations in the backward pass: less memory
     decoder_checkpointing: bool = False  # objective=e2e: recompute the VAE decoder's activations too
     compile: bool = False            # torch.compile the U-Net and VAE encoder (static shapes; step 1 compiles)
+    # where it runs
+    device: str = "auto"             # auto | cpu | cuda | cuda:N
+    num_workers: int = 2             # data loader processes
     force_ddp: bool = False          # wrap the model in DDP in one process too (torchrun --nproc_per_node=1): the DDP path on one GPU
-    # bookkeeping
+    # the run folder: checkpoints, resuming, starting from another run
     out_dir: str = "out/train"       # checkpoints, settings and the loss curve
     overwrite: bool = False          # a fresh run may replace the checkpoints in out_dir
     keep: int = 2                    # checkpoints kept in out_dir (checkpoint/ + keep - 1 older)
-    seed: int = 0                    # the data order, classes, timesteps and noise of every sample
-    device: str = "auto"             # auto | cpu | cuda | cuda:N
-    num_workers: int = 2             # data loader processes
-    log_every: int = 10              # steps between log lines
     save_every: int = 1000           # steps between checkpoints
+    stop_after: int = 0              # stop this run after N steps (a time-boxed job); --resume goes on
+    resume: str = ""                 # a run's out_dir (its newest checkpoint) or one checkpoint folder
+    change_processes: bool = False   # resume with another number of processes (changes the data order)
+    init: str = ""                   # start from a trained checkpoint's weights and model settings (e.g. e2e on top)
+    # what it reports, and when it stops itself
+    log_every: int = 10              # steps between log lines
     val_every: int = 0               # steps between validations (0 = none)
     val_images: int = 8              # validation images, segmented with E = 1, S = 1
     tau_bg: float = 0.5              # validation's background threshold (as eval.py's)
     max_bad_steps: int = 20          # consecutive non-finite losses before stopping
-    stop_after: int = 0              # stop this run after N steps (a time-boxed job); --resume goes on
-    resume: str = ""                 # a run's out_dir (its newest checkpoint) or one checkpoint folder
-    init: str = ""                   # start from a trained checkpoint's weights and model settings (e.g. e2e on top)
-    world_change: bool = False       # resume with another number of processes (changes the data order)
     dry_run: bool = False            # build from the weights, run one step at batch 1, report, exit
     debug: bool = False              # show tracebacks of errors
 
@@ -98,6 +100,12 @@ CHOICES = {**digseg.CHOICES, "dataset": ("toy", *data.DATASETS), "decay": ("cons
 RANGES = {**{k: POSITIVE for k in ("batch_size", "grad_accum", "max_steps", "keep", "log_every", "save_every",
                                    "max_bad_steps")},
           **{k: SHARE for k in ("p_absent", "t_max_share", "fraction", "noise_strength")}}
+
+# The paper's recipe (Sec. 4.1), said once: 512^2 crops, total batch 16 = 2 per GPU x 8 GPUs, AdamW
+# 1e-4, 30k steps. Ours, not the paper's: warmup 500 steps, weight decay 0.01 and grad clip 1.0 (the
+# Settings defaults), bf16 autocast, and trainable=all (the whole U-Net).
+PAPER = dict(size=512, resolution=512, batch_size=2, grad_accum=1, max_steps=30000, lr=1e-4, warmup_steps=500,
+             dtype="bf16")
 
 PRESETS = {
     # The toy world (toy.py): tiny models pretrained on procedural shapes, trained on a CPU in minutes.
@@ -116,23 +124,15 @@ PRESETS = {
                 p_absent=0.3, t_max_share=0.75, batch_size=16, max_steps=1600, lr=1e-3, warmup_steps=50,
                 decay="cosine", min_lr=1e-4, dtype="fp32", num_workers=0, log_every=50, save_every=500,
                 out_dir="out/toy/digseg"),
-    # The paper's recipe (Sec. 4.1): 512^2, total batch 16 on 8 GPUs, AdamW 1e-4, 30k steps. Ours,
-    # not the paper's: warmup 500 steps, weight decay 0.01, grad clip 1.0, bf16 autocast; and
-    # trainable=all here (the whole U-Net). The -paper presets train App. A.2's set instead.
-    "ade20k": dict(dataset="ade150", data_root="data/ADEChallengeData2016", size=512, resolution=512,
-                   batch_size=2, grad_accum=1, max_steps=30000, lr=1e-4, warmup_steps=500,
-                   dtype="bf16", out_dir="out/ade20k"),
-    "coco-stuff": dict(dataset="cocostuff171", data_root="data/coco", size=512, resolution=512,
-                       batch_size=2, grad_accum=1, max_steps=30000, lr=1e-4, warmup_steps=500,
-                       dtype="bf16", out_dir="out/coco-stuff"),
-    # App. A.2: only conv_in, the MLP, the cross-attention at 1/4 and 1/8 and the mid-block attention
-    # train (our reading: digseg.trainable_parameter_names; the run's first line prints the count).
-    "ade20k-paper": dict(dataset="ade150", data_root="data/ADEChallengeData2016", size=512, resolution=512,
-                         trainable="paper", batch_size=2, grad_accum=1, max_steps=30000, lr=1e-4,
-                         warmup_steps=500, dtype="bf16", out_dir="out/ade20k-paper"),
-    "coco-stuff-paper": dict(dataset="cocostuff171", data_root="data/coco", size=512, resolution=512,
-                             trainable="paper", batch_size=2, grad_accum=1, max_steps=30000, lr=1e-4,
-                             warmup_steps=500, dtype="bf16", out_dir="out/coco-stuff-paper"),
+    # The paper's recipe (PAPER, above) on each of its training sets; the -paper presets train App.
+    # A.2's set instead of the whole U-Net (our reading: digseg.trainable_parameter_names; the run's
+    # first line prints the count).
+    "ade20k": dict(PAPER, dataset="ade150", data_root="datasets/ADEChallengeData2016", out_dir="out/ade20k"),
+    "coco-stuff": dict(PAPER, dataset="cocostuff171", data_root="datasets/coco", out_dir="out/coco-stuff"),
+    "ade20k-paper": dict(PAPER, dataset="ade150", data_root="datasets/ADEChallengeData2016", trainable="paper",
+                         out_dir="out/ade20k-paper"),
+    "coco-stuff-paper": dict(PAPER, dataset="cocostuff171", data_root="datasets/coco", trainable="paper",
+                             out_dir="out/coco-stuff-paper"),
 }
 
 
@@ -204,72 +204,7 @@ def batch_stream(train_set, sampler, s, epoch, position, pin=False):
         epoch, position = epoch + 1, 0
 
 
-# ---- checkpoints -----------------------------------------------------------------------------------
-
-def checkpoints(out_dir):
-    """[(step, folder)] of the complete checkpoints in out_dir, oldest first."""
-    found = []
-    for name in sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []:
-        folder = os.path.join(out_dir, name)
-        if (name == "checkpoint" or name.startswith("checkpoint-")) and os.path.isfile(
-                os.path.join(folder, "train_state.pt")):
-            found.append((checkpoint_step(folder), folder))
-    return sorted(found)
-
-
-def checkpoint_step(folder):
-    """The step of a checkpoint, from its progress.json (older checkpoints: from train_state.pt)."""
-    if os.path.isfile(os.path.join(folder, "progress.json")):
-        with open(os.path.join(folder, "progress.json")) as f:
-            return json.load(f)["step"]
-    return torch.load(os.path.join(folder, "train_state.pt"), map_location="cpu", weights_only=True)["step"]
-
-
-def find_checkpoint(path):
-    """A checkpoint folder, or a run's out_dir -> its newest checkpoint."""
-    if os.path.isfile(os.path.join(path, "train_state.pt")):
-        return os.path.normpath(path)
-    found = checkpoints(path)
-    if not found:
-        raise UsageError(f"--resume={path}: neither a checkpoint folder (with train_state.pt) nor a run folder "
-                         f"holding checkpoint/")
-    return found[-1][1]
-
-
-def save_checkpoint(out_dir, model, state, s):
-    """Atomic: everything goes to checkpoint.tmp/ (each file fsynced); then the newest checkpoint/
-    becomes checkpoint-<its step>/ and checkpoint.tmp/ becomes checkpoint/, by renames, so a crash
-    at any moment leaves complete checkpoints. Keeps the newest `s.keep`."""
-    tmp, final = os.path.join(out_dir, "checkpoint.tmp"), os.path.join(out_dir, "checkpoint")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save(tmp)                                   # trainable weights (safetensors) + config (JSON)
-    torch_save_atomic(state, os.path.join(tmp, "train_state.pt"))  # optimizer, scaler, RNG, data position
-    write_text_atomic(os.path.join(tmp, "settings.json"), json.dumps(asdict(s), indent=2))
-    write_text_atomic(os.path.join(tmp, "progress.json"), json.dumps(
-        {"step": state["step"], "loss": state["losses"][-1][1] if state["losses"] else None}, indent=2))
-    for step, folder in checkpoints(out_dir):
-        if folder == final:
-            os.replace(final, os.path.join(out_dir, f"checkpoint-{step:07d}"))
-    os.replace(tmp, final)
-    for _, folder in checkpoints(out_dir)[:-s.keep]:
-        shutil.rmtree(folder)
-
-
-def prepare_out_dir(s, resumed_from):
-    """Refuse to overwrite a run by mistake: a fresh run into an out_dir with checkpoints, or a
-    resume from an older checkpoint of a run that has newer ones (they would be replaced)."""
-    elsewhere = (resumed_from is not None and
-                 os.path.abspath(os.path.dirname(resumed_from[1])) != os.path.abspath(s.out_dir))
-    later = [f for step, f in checkpoints(s.out_dir)                # all of them in another run's folder
-             if resumed_from is None or elsewhere or step > resumed_from[0]]
-    if later and not s.overwrite:
-        what = "a fresh run" if resumed_from is None else f"resuming from step {resumed_from[0]}"
-        raise UsageError(f"--out_dir={s.out_dir} holds checkpoints ({', '.join(map(os.path.basename, later))}) that "
-                         f"{what} would replace; pass --overwrite=1 to replace them, or another --out_dir")
-    for folder in later:
-        shutil.rmtree(folder)
-    os.makedirs(s.out_dir, exist_ok=True)
-
+# ---- checkpoints (the run folder itself: launch.py) ----------------------------------------------
 
 def load_checkpoint(ckpt, s, device):
     """-> (model, train state) of a checkpoint folder, the base weights from s.sd2 / s.clip."""
@@ -278,20 +213,20 @@ def load_checkpoint(ckpt, s, device):
     return model, state
 
 
-def check_world(state, s, world):
+def check_processes(state, s, count):
     """The total batch and data order of a run depend on its number of processes: a resume with
-    another one is refused unless --world_change=1. Then the data position is carried over as the
+    another one is refused unless --change_processes=1. Then the data position is carried over as the
     number of samples consumed in the epoch."""
-    saved = state.get("world", 1)
-    if saved == world:
+    saved = state.get("processes", state.get("world", 1))     # "world": checkpoints before the rename
+    if saved == count:
         return state["position"]
-    if not s.world_change:
+    if not s.change_processes:
         raise UsageError(
             f"this run was trained with {saved} processes (total batch {s.batch_size} x {saved} x {s.grad_accum} = "
-            f"{s.batch_size * saved * s.grad_accum}); resuming with {world} would change the total batch and the data "
-            f"order. Resume it with torchrun --nproc_per_node={saved}, or pass --world_change=1 (and, to keep the "
-            f"total batch, --grad_accum={s.batch_size * saved * s.grad_accum // (s.batch_size * world)})")
-    return state["position"] * saved // world
+            f"{s.batch_size * saved * s.grad_accum}); resuming with {count} would change the total batch and the data "
+            f"order. Resume it with torchrun --nproc_per_node={saved}, or pass --change_processes=1 (and, to keep the "
+            f"total batch, --grad_accum={s.batch_size * saved * s.grad_accum // (s.batch_size * count)})")
+    return state["position"] * saved // count
 
 
 # ---- validation and the setup check ---------------------------------------------------------------
@@ -380,11 +315,11 @@ def train(s):
         torch.set_rng_state(state["rng_cpu"])
         step, epoch, losses, bad_total = state["step"], state["epoch"], state["losses"], state["bad_total"]
         overflow_total = state.get("overflow_total", 0)
-        position = check_world(state, s, procs.world)
+        position = check_processes(state, s, procs.count)
         log(f"resumed from {ckpt} at step {step} (epoch {epoch}, batch {position}); saving into {s.out_dir}")
     ddp_model = DDP(model, device_ids=cuda.ddp_device_ids(device)) if procs.ddp else model
     if procs.ddp:
-        log(f"DistributedDataParallel over {procs.world} process(es), {dist.get_backend()}")
+        log(f"DistributedDataParallel over {procs.count} process(es), {dist.get_backend()}")
 
     # ---- data
     train_set = data.build(s.dataset, s.data_root, "train", size=s.size, fraction=s.fraction,
@@ -395,11 +330,11 @@ def train(s):
             raise data.DataError(f"{len(problems)} bad label maps in {s.data_root}, e.g.: {problems[0]}\n" +
                                  "\n".join(problems[1:]))
     val_set = data.build(s.dataset, s.data_root, "val", seed=s.seed, evaluation=True) if s.val_every else None
-    sampler = DistributedSampler(train_set, num_replicas=procs.world, rank=procs.rank, shuffle=True, seed=s.seed,
+    sampler = DistributedSampler(train_set, num_replicas=procs.count, rank=procs.rank, shuffle=True, seed=s.seed,
                                  drop_last=True)
-    total_batch = s.batch_size * procs.world * s.grad_accum
+    total_batch = s.batch_size * procs.count * s.grad_accum
     log(f"data: {len(train_set)} {s.dataset} samples; total batch {total_batch} = "
-        f"{s.batch_size} per process x {procs.world} processes x {s.grad_accum} accumulation steps")
+        f"{s.batch_size} per process x {procs.count} processes x {s.grad_accum} accumulation steps")
     stream = batch_stream(train_set, sampler, s, epoch, position, pin=cuda.loader_pins(device))
 
     # ---- the loop: accumulate, check the loss is finite on every rank, clip, step, log, save
@@ -421,7 +356,7 @@ def train(s):
                                      s.t_max_share, batch["valid"].to(device, non_blocking=True))
                 scaler.scale(loss / s.grad_accum).backward()
             total += loss.detach().float() / s.grad_accum
-            seen += len(indices) * procs.world
+            seen += len(indices) * procs.count
         finite = torch.isfinite(total).float()
         if procs.ddp:
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)   # all ranks skip together
@@ -469,7 +404,7 @@ def train(s):
             save_checkpoint(s.out_dir, model, {
                 "step": step, "epoch": epoch, "position": position, "losses": losses, "bad_total": bad_total,
                 "overflow_total": overflow_total,
-                "world": procs.world, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "processes": procs.count, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                 "rng_cpu": torch.get_rng_state()}, s)
         if done:
             break

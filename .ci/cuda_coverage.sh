@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 export COVERAGE_FILE=${TMPDIR:-/tmp}/digseg_cuda.coverage
-$PY -m coverage run --include='model/cuda.py,train.py,eval.py,sample.py,bench.py,launch.py,digseg.py' \
+$PY -m coverage run --include='model/cuda.py,train.py,eval.py,sample.py,bench.py,benchmarks/cuda.py,launch.py,digseg.py,e2e.py,model/proposals.py' \
     -m pytest -q -p no:cacheprovider tests/test_cuda_simulated.py -k "not gpu_quick_check"
 $PY -m coverage report -m --include=model/cuda.py
 $PY - <<'PY'
@@ -17,7 +17,8 @@ cov = coverage.Coverage(data_file=__import__("os").environ["COVERAGE_FILE"])
 cov.load()
 print("\nthe scripts' CUDA branches (lines calling model/cuda.py):")
 hit = total = 0
-for path in ("train.py", "eval.py", "sample.py", "bench.py", "launch.py", "digseg.py"):
+for path in ("train.py", "eval.py", "sample.py", "bench.py", "benchmarks/cuda.py", "launch.py", "digseg.py", "e2e.py",
+             "model/proposals.py"):
     _, statements, _, missing, _ = cov.analysis2(path)
     lines = open(path).read().splitlines()
     for n in statements:

@@ -15,7 +15,7 @@ from dataclasses import asdict
 
 import torch
 
-from model.weights import WeightsError, read_state_dict, save_file_atomic, write_text_atomic
+from model.files import WeightsError, read_state_dict, save_file_atomic, write_text_atomic
 
 WEIGHTS, CONFIG = "digseg.safetensors", "digseg.json"
 BASE_PATHS = (("sd2", "--sd2"), ("clip", "--clip"), ("clip_vocab", "--clip_vocab"))

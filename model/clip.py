@@ -10,7 +10,7 @@ DiGSeg uses CLIP three ways:
 
 Module names mirror HF transformers' CLIPModel (text_model.encoder.layers.N.self_attn.q_proj, ...,
 vision_model.pre_layrnorm [sic], visual_projection), so an HF folder loads with one strict
-load_state_dict; OpenAI and OpenCLIP names are converted in model/weights.py.
+load_state_dict; OpenAI and OpenCLIP names are converted in model/convert.py.
 """
 import gzip
 import json

@@ -39,11 +39,13 @@ def rescale_zero_terminal_snr(betas):
 
 def _gather(alphas_cumprod, t, like):
     """alpha_bar_t for a timestep t (an int, or a 0-d or (B,) tensor), shaped to broadcast against
-    `like` (B, C, H, W). An int indexes directly: nothing is read back from a device."""
+    `like` (B, C, H, W) and on its device. An int indexes directly: nothing is read back from a
+    device. DiGSeg keeps its one schedule on the host, with its timesteps (drawn there), so a
+    training step copies B numbers to the device and never reads one back."""
     if isinstance(t, int):
-        return alphas_cumprod[t].to(like.dtype)
+        return alphas_cumprod[t].to(like.device, like.dtype)
     t = torch.as_tensor(t, device=alphas_cumprod.device)
-    a = alphas_cumprod[t.long()].to(like.dtype)
+    a = alphas_cumprod[t.long()].to(like.device, like.dtype)
     return a.reshape(-1, *([1] * (like.dim() - 1))) if a.dim() else a
 
 
@@ -125,13 +127,18 @@ def ddim_step(pred, z_t, t, t_prev, alphas_cumprod, prediction="epsilon", eta=0.
     and sigma_t = 0 there whatever eta is.
     """
     x0, eps = predicted_x0_and_eps(pred, z_t, t, alphas_cumprod, prediction)
+    return ddim_update(x0, eps, z_t, t, t_prev, alphas_cumprod, eta, noise)
+
+
+def ddim_update(x0, eps, z_t, t, t_prev, alphas_cumprod, eta=0.0, noise=None):
+    """Eq. 7 from the pair (x0_hat, eps_hat) that the network's output implies (ddim_step)."""
     if isinstance(t_prev, int):
-        a_prev = _gather(alphas_cumprod, t_prev, z_t) if t_prev >= 0 else torch.ones((), dtype=z_t.dtype)
+        a_prev = _gather(alphas_cumprod, t_prev, z_t) if t_prev >= 0 else torch.ones((), dtype=z_t.dtype, device=z_t.device)
     else:
         t_prev = torch.as_tensor(t_prev, device=alphas_cumprod.device)
         one = torch.ones((), dtype=alphas_cumprod.dtype, device=alphas_cumprod.device)
-        a_prev = torch.where(t_prev >= 0, alphas_cumprod[t_prev.clamp(min=0).long()], one)
-        a_prev = a_prev.to(z_t.dtype).reshape(-1, *([1] * (z_t.dim() - 1))) if a_prev.dim() else a_prev.to(z_t.dtype)
+        a_prev = torch.where(t_prev >= 0, alphas_cumprod[t_prev.clamp(min=0).long()], one).to(z_t.device, z_t.dtype)
+        a_prev = a_prev.reshape(-1, *([1] * (z_t.dim() - 1))) if a_prev.dim() else a_prev
     if eta == 0:
         return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps  # Eq. 7, sigma_t = 0
     if noise is None:
@@ -141,19 +148,20 @@ def ddim_step(pred, z_t, t, t_prev, alphas_cumprod, prediction="epsilon", eta=0.
     return a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).sqrt() * eps + sigma * noise.to(z_t)   # Eq. 7
 
 
-def ddim_sample(predict, z_T, timesteps, alphas_cumprod, prediction="epsilon", T=1000, eta=0.0, noises=None):
-    """The DDIM sampler (Eq. 7; eta = 0 by default, see ddim_step) as an iterator: from z_T, one
-    step per listed timestep (ddim_timesteps), each yielded as a dict so that a reader can look at
-    every step:
+def ddim_sample(predict, z_T, timesteps, alphas_cumprod, prediction="epsilon", eta=0.0, noises=None, trace=None):
+    """The DDIM sampler (Eq. 7; eta = 0 by default, see ddim_step): from z_T, one step per listed
+    timestep (ddim_timesteps) -> the sample z_0. The sampler knows nothing of the model: `predict`
+    (z_t, t) -> the network output closes over it and over any conditioning.
+
+    eta > 0 needs `noises`: one N(0, I) tensor shaped like z_T per step. trace: a list that gets,
+    for every step, a dict a reader can look at:
 
         t       the timestep of this step (an int)  z_t    the latent it starts from
         pred    predict(z_t, t), the network output in its own parameterisation
         x0      the clean latent that output implies (x0_hat)
         z_prev  the latent after the step; the last step's z_prev is the sample
-
-    eta > 0 needs `noises`: one N(0, I) tensor shaped like z_T per step.
-    The sampler knows nothing of the model: `predict` closes over it (and over any conditioning)."""
-    S, z = len(timesteps), z_T
+    """
+    S, T, z = len(timesteps), len(alphas_cumprod), z_T
     if eta > 0 and (noises is None or len(noises) < S):
         raise ValueError(f"ddim_sample with eta = {eta} needs one noise tensor per step ({S})")
     # The schedule and the timesteps on the host, as Python numbers: each step's alpha_bar is then a
@@ -162,11 +170,12 @@ def ddim_sample(predict, z_T, timesteps, alphas_cumprod, prediction="epsilon", T
     ab = alphas_cumprod.detach().cpu()
     for i, t in enumerate(torch.as_tensor(timesteps).tolist()):
         pred = predict(z, t)
-        x0, _ = predicted_x0_and_eps(pred, z, t, ab, prediction)
-        z_prev = ddim_step(pred, z, t, previous_timestep(t, S, T), ab, prediction, eta,
-                           noises[i] if eta > 0 else None)
-        yield {"t": t, "z_t": z, "pred": pred, "x0": x0, "z_prev": z_prev}
+        x0, eps = predicted_x0_and_eps(pred, z, t, ab, prediction)
+        z_prev = ddim_update(x0, eps, z, t, previous_timestep(t, S, T), ab, eta, noises[i] if eta > 0 else None)
+        if trace is not None:
+            trace.append({"t": t, "z_t": z, "pred": pred, "x0": x0, "z_prev": z_prev})
         z = z_prev
+    return z
 
 
 def multires_noise(shape, t, T=1000, strength=0.9, annealed=True, levels=None, generator=None,

@@ -12,6 +12,7 @@ SD2 gotchas, written where they bite:
 """
 import json
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -118,7 +119,7 @@ class Attention(nn.Module):
     """Multi-head attention of x over context (itself if None); q/k/v without bias.
 
     `maps`: None, or a list to which each call appends its attention probabilities averaged over
-    the heads, (B, N, M) in float32 (DiGSeg.cross_attention_maps sets it; the output is unchanged)."""
+    the heads, (B, N, M) in float32 (cross_attention_maps sets it; the output is unchanged)."""
 
     def __init__(self, dim, heads, context_dim=None, upcast=False):
         super().__init__()
@@ -317,3 +318,19 @@ class UNet2DCondition(nn.Module):
     def _checkpointed(block, *args):
         """Keep only the block's inputs; recompute its activations in the backward pass."""
         return checkpoint(block, *args, use_reentrant=False)
+
+
+@contextmanager
+def cross_attention_maps(unet):
+    """Record the U-Net's cross-attention to the text (Sec. 3.5: text-to-region binding) while the
+    block runs: yields {module name: list of (N, h_l * w_l, 77) maps, one per call}, each the
+    attention probabilities of every latent position over the prompt tokens, averaged over heads;
+    h_l x w_l is the resolution of that U-Net level. Outputs are unchanged."""
+    layers = {n: m for n, m in unet.named_modules() if n.endswith("attn2")}
+    for m in layers.values():
+        m.maps = []
+    try:
+        yield {n: m.maps for n, m in layers.items()}
+    finally:
+        for m in layers.values():
+            m.maps = None

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from model.clip import PRESETS, CLIPConfig, preprocess
-from model.weights import WeightsError, load_clip, load_sd2_text_encoder, read_openai_checkpoint
+from model.convert import read_openai_checkpoint
+from model.weights import WeightsError, load_clip, load_sd2_text_encoder
 from tests.clip_oracle import hf_config, openai_clip_model, openai_state_dict, save_openai_jit, save_torchscript
 
 VOCAB = (glob.glob(os.path.join(os.path.dirname(torch.__file__), "..", "open_clip", "bpe_simple_vocab_16e6.txt.gz"))

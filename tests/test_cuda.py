@@ -61,9 +61,10 @@ def test_diffusion_math_agrees_with_the_cpu():
 
     def run(device):                                 # a linear "network" through 4 trailing DDIM steps
         ww, a = w.to(device), ab_cpu.to(device)
-        steps = list(ddim_sample(lambda z, t: torch.einsum("oc,bchw->bohw", ww, z), z0.to(device),
-                                 ddim_timesteps(4), a, "v_prediction"))
-        return torch.stack([s["x0"] for s in steps]).cpu(), steps[-1]["z_prev"].cpu()
+        steps = []
+        z = ddim_sample(lambda z, t: torch.einsum("oc,bchw->bohw", ww, z), z0.to(device), ddim_timesteps(4), a,
+                        "v_prediction", trace=steps)
+        return torch.stack([s["x0"] for s in steps]).cpu(), z.cpu()
 
     (x_dev, z_dev), (x_cpu, z_cpu) = run(DEVICE), run("cpu")
     assert torch.allclose(x_dev, x_cpu, atol=1e-4) and torch.allclose(z_dev, z_cpu, atol=1e-4)
@@ -71,7 +72,8 @@ def test_diffusion_math_agrees_with_the_cpu():
 
 def test_buffers_are_built_on_the_device_and_frozen_parts_stay_in_eval_mode(tiny_paths):
     model = DiGSeg.from_weights(*tiny_paths, resolution=32, device=DEVICE)
-    assert model.alphas_cumprod.device.type == torch.device(DEVICE).type
+    assert model.unet.conv_in.weight.device.type == torch.device(DEVICE).type
+    assert model.alphas_cumprod.device.type == "cpu"      # the one schedule stays on the host (model.diffusion._gather)
     model.train()
     assert model.unet.training and model.mlp.training
     assert not model.vae.training and not model.text_encoder.training and not model.clip.training
@@ -176,10 +178,11 @@ def test_segments_denoising_loop_makes_no_host_synchronisation(tiny_model):
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            z0 = model.denoise_pairs(z_x, ctx, z_T, 4, "trailing", 0.0, None, batch_size=4)
+            z0 = ddim_sample(model.predictor(z_x, ctx.repeat_interleave(3, dim=0)), z_T.repeat(2, 1, 1, 1),
+                             ddim_timesteps(4), model.alphas_cumprod, model.cfg.target)
         finally:
             torch.cuda.set_sync_debug_mode(0)
-    assert z0.shape == (2, 3, *z_x.shape[1:]) and torch.isfinite(z0).all()
+    assert z0.shape == (6, *z_x.shape[1:]) and torch.isfinite(z0).all()
 
 
 @needs_cuda

@@ -201,9 +201,11 @@ def test_force_ddp_wraps_the_model_in_one_process(simulated, tiny_paths, tmp_pat
 def test_eval_copies_an_image_to_the_device_once_for_proposals_and_segments(simulated, tiny_model, monkeypatch):
     """A 2:1 image: the proposals' whole view and both tiles go to the device in one copy, the
     prepared image in one more; the proposals read the host image (no device -> host -> device)."""
+    import model.proposals
     copies = []
     real = digseg.to_device
-    monkeypatch.setattr(digseg, "to_device", lambda x, d: copies.append(tuple(x.shape)) or real(x, d))
+    for module in (digseg, model.proposals):
+        monkeypatch.setattr(module, "to_device", lambda x, d: copies.append(tuple(x.shape)) or real(x, d))
     args = evaluation.parse(["--checkpoint=x", "--dataset=toy", "--tau_global=-1", "--ensemble=1", "--steps=1",
                              "--protocol=long"])
     image = torch.rand(3, 32, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
@@ -227,8 +229,8 @@ def test_eval_and_sample_on_the_cuda_path_in_half_precision(simulated, tiny_mode
 
 def test_bench_cuda_sections_run_on_the_toy_shapes(simulated, capsys):
     bench.main(["--device=cuda", "--shapes=toy", "--only=segment,e2e,choices,profile"])
-    gpu = bench.Target(torch.device("cpu"), "toy", 64)
-    bench.bench_cuda_train(gpu, batches=(2,))
+    from benchmarks.cuda import Target, bench_cuda_train
+    bench_cuda_train(Target(torch.device("cpu"), "toy", 64), batches=(2,))
     out = capsys.readouterr().out
     assert "simulated CUDA" in out and "E=8 S=2, 1 class" in out and "e2e       decoder checkpointing=1" in out
     assert "encode compiled" in out and "segment() E=1 S=1 one class" in out

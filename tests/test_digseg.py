@@ -6,13 +6,21 @@ import pytest
 import torch
 from PIL import Image
 
-from digseg import (ClassProposer, DiGSeg, aggregate, binary_mask, cross_attention_maps, prepare_image, select_candidates,
-                    size_multiple, trainable_parameter_names, widen_conv_in)
+from digseg import DiGSeg, aggregate, binary_mask, prepare_image, size_multiple, trainable_parameter_names, widen_conv_in
+from model.diffusion import ddim_sample, ddim_timesteps
+from model.proposals import ClassProposer, select_candidates
+from model.unet import cross_attention_maps
 
 
 def prepared(model, image):
     """The (1, 3, H', W') image segment() encodes."""
     return prepare_image(image, model.cfg.resolution, size_multiple(model.vae, model.unet))[0]
+
+
+def denoise(model, z_x, z_T, ctx, steps, trace=None):
+    """S trailing DDIM steps of N (prompt, noise) pairs, as segment() runs them -> z_0 (N, 4, h, w)."""
+    return ddim_sample(model.predictor(z_x, ctx), z_T, ddim_timesteps(steps), model.alphas_cumprod, model.cfg.target,
+                       trace=trace)
 
 
 def test_widened_conv_in_reproduces_the_pretrained_response(tiny_model):
@@ -120,7 +128,7 @@ def test_ensemble_averages_latents_not_pixels(tiny_model):
     z_x = tiny_model.encode_image(prepared(tiny_model, img))
     ctx = tiny_model.context(["a photo of a ring."])
     noise = torch.stack([torch.randn(z_x.shape[1:], generator=torch.Generator().manual_seed(e)) for e in range(2)])
-    z0 = tiny_model.denoise(z_x, noise, ctx.expand(2, -1, -1), 1, "trailing")
+    z0 = denoise(tiny_model, z_x, noise, ctx.expand(2, -1, -1), 1)
     expected = tiny_model.decode_mask(z0.mean(0, keepdim=True))[0]
     got = tiny_model.segment(img, ["ring"], ensemble=2, steps=1, seed=0)[0]
     assert (got - expected).abs().max() <= 1e-5
@@ -207,13 +215,13 @@ def test_candidate_selection_global_and_patch_paths():
     assert classes[0] == "a"                               # sorted by score
 
 
-def test_denoise_steps_show_every_step_and_end_where_denoise_ends(tiny_model):
+def test_the_samplers_trace_shows_every_step_and_ends_on_its_sample(tiny_model):
     z_x = tiny_model.encode_image(torch.rand(1, 3, 32, 32) * 2 - 1)
     ctx = tiny_model.context(["a photo of a star.", "a photo of a ring."])
     z_T = torch.randn(2, *z_x.shape[1:], generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        steps = list(tiny_model.denoise_steps(z_x, z_T, ctx, 3, "trailing"))
-        final = tiny_model.denoise(z_x, z_T, ctx, 3, "trailing")
+        steps = []
+        final = denoise(tiny_model, z_x, z_T, ctx, 3, trace=steps)
     assert [int(s["t"]) for s in steps] == [999, 666, 332]            # the listed trailing timesteps
     assert torch.equal(steps[0]["z_t"], z_T) and torch.equal(steps[1]["z_t"], steps[0]["z_prev"])
     assert torch.equal(steps[-1]["z_prev"], final)
@@ -248,7 +256,6 @@ def test_t_max_share_draws_from_the_samples_generator(tiny_model):
 def test_a_separate_proposal_clip_proposes_and_the_conditioner_stays(tiny_paths, tmp_path):
     """--proposal_clip: proposals from another CLIP (Table 1's B/16 reading), text from the first."""
     from conftest import make_tiny_world
-    from digseg import select_candidates
     from model.weights import load_clip
     other = make_tiny_world(str(tmp_path), seed=1)[1]                # same shapes, other weights
     model = DiGSeg.from_weights(*tiny_paths, resolution=32).eval()
@@ -369,7 +376,7 @@ def test_the_denoising_loop_and_the_proposals_read_nothing_back_from_the_device(
     ctx = tiny_model.context(["a photo of a circle.", "a photo of a star."])
     z_T = torch.randn(3, *z_x.shape[1:], generator=torch.Generator().manual_seed(1))
     with torch.no_grad(), Reads():
-        tiny_model.denoise_pairs(z_x, ctx, z_T, 4, "trailing", 0.0, None, batch_size=4)
+        denoise(tiny_model, z_x, z_T.repeat(2, 1, 1, 1), ctx.repeat_interleave(3, dim=0), 4)
     assert Reads.count == 0
     vocab = [f"class {i}" for i in range(20)]
     tiny_model.proposer.text_embeddings(tuple(vocab), "A photo of a {}.")
@@ -446,13 +453,13 @@ def test_e2e_loss_is_one_step_through_the_decoder_with_gradients(tiny_paths):
     """objective=e2e: t = T-1, the mask-latent input zeros, the U-Net's output -> x0_hat -> the frozen
     decoder with its graph -> M_c (channel mean, not clamped) -> mask_loss; the U-Net gets gradients
     through the decoder, the VAE none; decoder checkpointing gives the same gradients."""
-    from digseg import mask_loss
+    from e2e import mask_loss
     from model.diffusion import predicted_x0_and_eps
     torch.manual_seed(0)
     m = DiGSeg.from_weights(*tiny_paths, resolution=32, objective="e2e", target="v_prediction")
     x, y = torch.rand(2, 3, 32, 32) * 2 - 1, (torch.rand(2, 32, 32) > 0.5).float()
     prompts = ["a photo of a star.", "a photo of a ring."]
-    loss = m.loss(x, y, prompts, [None, None])
+    loss = m(x, y, prompts, [None, None])
     with torch.no_grad():
         z_x = m.encode_image(x)
         pred = m.unet(torch.cat([z_x, torch.zeros_like(z_x)], 1), torch.full((2,), 999), m.context(prompts))
@@ -464,13 +471,13 @@ def test_e2e_loss_is_one_step_through_the_decoder_with_gradients(tiny_paths):
     assert all(p.grad is None for p in m.vae.parameters()) and grads["unet.conv_in.weight"].abs().sum() > 0
     m.zero_grad(set_to_none=True)
     m.decoder_checkpointing = True
-    m.loss(x, y, prompts, [None, None]).backward()
+    m(x, y, prompts, [None, None]).backward()
     assert all(torch.allclose(p.grad, grads[n], atol=1e-6) for n, p in m.named_parameters() if p.requires_grad)
 
 
 @pytest.mark.parametrize("kind", ["bce_dice", "mse"])
 def test_mask_loss_leaves_ignored_pixels_out_and_prefers_the_right_mask(kind):
-    from digseg import mask_loss
+    from e2e import mask_loss
     y = torch.zeros(1, 8, 8)
     y[:, 2:6, 2:6] = 1
     valid = torch.ones_like(y)
@@ -487,7 +494,7 @@ def test_mask_loss_leaves_ignored_pixels_out_and_prefers_the_right_mask(kind):
 
 
 def test_an_e2e_checkpoint_segments_in_its_one_step(tiny_paths, tmp_path):
-    """segment() follows the checkpoint: one trailing step from z_T = 0, what e2e_loss trains; S > 1,
+    """segment() follows the checkpoint: one trailing step from z_T = 0, what e2e.loss trains; S > 1,
     another spacing or eta > 0 is refused in one line; E > 1 members would be identical: one runs."""
     m = DiGSeg.from_weights(*tiny_paths, resolution=32, objective="e2e")
     m.save(tmp_path / "e2e")
@@ -497,7 +504,7 @@ def test_an_e2e_checkpoint_segments_in_its_one_step(tiny_paths, tmp_path):
     probs = m.segment(image, ["star"], ensemble=1)
     with torch.no_grad():
         z_x = m.encode_image(prepared(m, image))
-        z0 = m.denoise(z_x, torch.zeros_like(z_x), m.context(["a photo of a star."]), 1, "trailing")
+        z0 = denoise(m, z_x, torch.zeros_like(z_x), m.context(["a photo of a star."]), 1)
         assert torch.allclose(probs, m.decode_mask(z0).clamp(0, 1), atol=1e-6)
     with pytest.warns(UserWarning, match="identical"):
         assert torch.equal(m.segment(image, ["star"], ensemble=4), probs)

@@ -12,9 +12,9 @@ NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "notebooks", "*.ipynb")))
 
 @pytest.fixture(scope="module")
 def quick_world(tmp_path_factory):
-    import toy
+    from toyworld.world import QUICK, build_world
     out = str(tmp_path_factory.mktemp("toy"))
-    toy.build_world(out, **toy.QUICK)
+    build_world(out, **QUICK)
     saved = {k: os.environ.get(k) for k in ("DIGSEG_TOY_OUT", "DIGSEG_TOY_QUICK")}
     os.environ.update(DIGSEG_TOY_OUT=out, DIGSEG_TOY_QUICK="1")
     yield out

@@ -192,7 +192,7 @@ def test_on_off_flags_mean_what_they_say():
 def test_toy_fine_tunes_in_bf16_where_train_py_will_run_on_a_gpu(monkeypatch):
     """Stage 3 runs train.py, which takes the GPU when there is one: its precision follows the GPU
     there, not the flags of the CPU that launches it."""
-    import toy
+    from toyworld import world as toy
     monkeypatch.setattr(toy, "cpu_has_native_bf16", lambda: False)
     monkeypatch.setattr(toy.torch.cuda, "is_available", lambda: True)
     assert toy.default_dtype() == "bf16"
@@ -236,11 +236,11 @@ def test_resume_with_another_world_size_is_refused_unless_accepted(tiny_paths, t
     train.train(train.parse_args(train_args(tiny_paths, out, max_steps=4, stop_after=2)))
     state_path = out / "checkpoint" / "train_state.pt"
     state = torch.load(state_path, weights_only=True)
-    torch.save({**state, "world": 8}, state_path)              # as if it had run under torchrun x 8
-    with pytest.raises(UsageError, match=r"trained with 8 processes \(total batch 2 x 8 x 1 = 16\).*--world_change=1 "
+    torch.save({**state, "processes": 8}, state_path)              # as if it had run under torchrun x 8
+    with pytest.raises(UsageError, match=r"trained with 8 processes \(total batch 2 x 8 x 1 = 16\).*--change_processes=1 "
                                          r"\(and, to keep the total batch, --grad_accum=8\)"):
         train.train(train.parse_args([f"--resume={out}"]))
-    train.train(train.parse_args([f"--resume={out}", "--world_change=1", "--grad_accum=8"]))
+    train.train(train.parse_args([f"--resume={out}", "--change_processes=1", "--grad_accum=8"]))
     assert json.load(open(out / "checkpoint" / "progress.json"))["step"] == 4
 
 
@@ -284,7 +284,7 @@ def test_missing_tensors_in_a_checkpoint_are_an_error(ckpt):
 # ---- 10. toy.py follows its step flags -------------------------------------------------------------------------
 
 def test_toy_rebuilds_a_stage_whose_settings_changed(tmp_path):
-    import toy
+    from toyworld import world as toy
     out = str(tmp_path / "toy")
     ckpt = toy.build_world(out, vae_steps=2, clip_steps=2, train_steps=2)
     vae_before = os.path.getmtime(os.path.join(out, "sd2", "vae", "diffusion_pytorch_model.safetensors"))
@@ -298,7 +298,7 @@ def test_toy_precision_follows_the_cpu_and_is_part_of_the_stage_records(tmp_path
     """bf16 only where the CPU computes it natively (emulated it is far slower than fp32); the
     fine-tuning's precision is recorded, so a DiGSeg trained in fp32 is retrained when bf16 is
     asked for, on the same VAE (the pretraining stages are fp32 on every CPU)."""
-    import toy
+    from toyworld import world as toy
     from launch import cpu_has_native_bf16
     native = cpu_has_native_bf16()
     monkeypatch.setattr(toy.torch.cuda, "is_available", lambda: False)
@@ -335,7 +335,7 @@ def test_every_setting_of_every_script_has_its_help_in_one_place():
 
 
 def test_bench_skips_emulated_bf16_and_prints_each_row_when_measured(monkeypatch, capsys):
-    import bench
+    from benchmarks import timing as bench
     monkeypatch.setattr(bench, "cpu_has_native_bf16", lambda: False)
     monkeypatch.delenv("BENCH_CPU_BF16", raising=False)
     assert list(bench.cpu_dtypes()) == ["fp32"] and "BENCH_CPU_BF16=1 runs them" in capsys.readouterr().out

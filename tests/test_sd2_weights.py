@@ -13,8 +13,10 @@ from safetensors.torch import save_file
 
 from model.unet import UNet2DCondition, UNetConfig
 from model.vae import AutoencoderKL, VAEConfig
-from model.weights import (WeightsError, _guess_prediction, _ldm_unet_table, _ldm_vae_table, _rename,
-                           convert_ldm_unet, convert_ldm_vae, convert_old_vae_attention, load_sd2, read_state_dict)
+from model.convert import (_ldm_unet_table, _ldm_vae_table, _rename, convert_ldm_unet, convert_ldm_vae,
+                           convert_old_vae_attention)
+from model.files import read_state_dict
+from model.weights import WeightsError, _guess_prediction, load_sd2
 
 SD2_UNET, SD2_VAE = UNetConfig(), VAEConfig()
 

@@ -1,4 +1,4 @@
-"""The toy world's dataset (data.py): deterministic scenes whose labels match what is drawn."""
+"""The toy world's dataset (data/toy.py): deterministic scenes whose labels match what is drawn."""
 import numpy as np
 import pytest
 import torch
@@ -91,9 +91,9 @@ def test_the_prior_stage_trains_saves_and_digseg_widens_it(tmp_path):
     import json
     import os
 
-    import toy
     from digseg import DiGSeg
     from model.weights import load_sd2
+    from toyworld import world as toy
     out = str(tmp_path / "toy")
     ckpt = toy.build_world(out, vae_steps=2, clip_steps=2, train_steps=2, prior_steps=3)
     prior = load_sd2(os.path.join(out, "sd2-prior"))
@@ -111,9 +111,9 @@ def test_the_prior_stage_trains_saves_and_digseg_widens_it(tmp_path):
 
 
 def test_the_e2e_studys_error_budget_adds_up(tiny_model, tmp_path):
-    """toy.error_budget splits the shapes' pixels into found, missed and taken for another class
+    """toyworld.studies.error_budget splits the shapes' pixels into found, missed and taken for another class
     (their shares add up to 1) and scores every background threshold it is asked for."""
-    import toy
+    from toyworld import studies as toy
     tiny_model.save(tmp_path / "ck")
     r = toy.error_budget(str(tmp_path / "ck"), 3, tau_bgs=(0.3, 0.5))
     assert r["scenes"] == 3 and set(r["miou_by_tau_bg"]) == {"0.3", "0.5"}

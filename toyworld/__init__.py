@@ -1,0 +1,8 @@
+"""The toy world: what command 1 (toy.py) builds and studies.
+
+  pretrain.py  a tiny VAE and CLIP (and the U-Net as a text-to-image prior) on procedural scenes
+  world.py     the stages, saved in the real formats, then train.py's toy preset on top
+  studies.py   the toy studies (--study=prior, --study=e2e), resumable by cell (docs/study_cells.jsonl)
+
+The scenes themselves are a dataset like the others: data/toy.py.
+"""
