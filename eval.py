@@ -1,6 +1,6 @@
 """Benchmark evaluation of DiGSeg (Sec. 4), and the paper's studies as commands.
 
-    python eval.py --checkpoint=out/ade20k/checkpoint --dataset=ade150 --data_root=data/ADEChallengeData2016
+    python eval.py --checkpoint=out/ade20k/checkpoint --dataset=ade150 --data_root=datasets/ADEChallengeData2016
     torchrun --nproc_per_node=8 eval.py ...                  # confusion matrices summed over ranks
     python eval.py ... --proposals=0                         # every class of the dataset, no CLIP proposals
     python eval.py ... --study=sweep                         # Table 6: E x S rows, mIoU and images/s
@@ -38,7 +38,8 @@ from launch import (DTYPES, INFERENCE_CHOICES, INFERENCE_RANGES, POSITIVE, Infer
 from model.checkpoint import digest as checkpoint_digest
 from metrics import (binary_counts, confusion_matrix, miou, pooled_iou_dice, pooled_precision_recall_f1,
                      write_per_class_csv)
-from model.weights import file_digest, load_sd2, torch_save_atomic, write_text_atomic
+from model.files import file_digest, torch_save_atomic, write_text_atomic
+from model.weights import load_sd2
 from plot import line_plot, overlay, side_by_side
 
 TAUS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)     # --study=tau (Fig. 3)
@@ -48,22 +49,61 @@ KEYED = ("protocol", "ensemble", "steps", "spacing", "eta", "seed", "tau", "tau_
          "tau_global", "tau_patch", "dtype")
 
 
-# Evaluation protocols (--protocol; auto = by dataset), as the literature runs each benchmark. The
-# paper only says inputs are resized to 512 x 512; "long" is that reading (long side to --resolution,
-# the model's own default), "short" the open-vocabulary papers' short side 512 for ADE / Pascal
-# Context / COCO, "slide" full resolution in overlapping 512 windows (stride 2/3) for the driving
-# sets, whose 1024 x 2048 frames would otherwise shrink to 256 x 512. Scores are always computed at
-# the label map's own size.
+# Evaluation protocols (--protocol; auto = by dataset): how an image meets the model. Scores are
+# always computed at the label map's own size. Each one either reproduces a named reference or is ours:
+#   long    ours, the paper's "inputs resized to 512 x 512" keeping the aspect ratio: the long side to
+#           --resolution (the model's own default), padded to a multiple of 64
+#   square  the paper's words read literally: every image resized to R x R, its aspect ratio lost,
+#           and the masks resized back. Our guess at what the paper's own rows used (see below)
+#   short   mmseg's ADE20K / COCO-Stuff test pipeline (open-mmlab/mmsegmentation,
+#           configs/_base_/datasets/ade20k.py: img_scale (2048, 512), keep_ratio): the
+#           short side to R = 512, the long side at most 4 R = 2048
+#   san     SAN's (MendelXu/SAN, configs/Base-coco-stuff-164K-171.yaml: MIN_SIZE_TEST 640,
+#           MAX_SIZE_TEST 2560), detectron2's ResizeShortestEdge: short side 640, long side at
+#           most 2560, the whole image at once
+#   catseg  CAT-Seg's (cvlab-kaist/CAT-Seg, eval.sh: TEST.SLIDING_WINDOW True;
+#           cat_seg/cat_seg_model.py, inference_sliding_window): the image resized to 640 x 640
+#           (aspect ratio lost), 384 px windows at stride 256, plus the whole image at 384; the
+#           windows' mean and the whole image's output averaged
+#   slide   ours, for the driving sets: full resolution in R x R windows at stride 2R/3, so that
+#           1024 x 2048 frames are not shrunk to 256 x 512. mmseg tests Cityscapes at full
+#           resolution too (configs/_base_/datasets/cityscapes.py: img_scale (2048, 1024),
+#           keep_ratio), with each model's own window, cut to its 512 x 1024 training crops; no
+#           reference uses square windows, which DiGSeg's square training crops ask for
+# The paper compares with SAN, CAT-Seg and ODISE using their published numbers, each under its own
+# protocol above (ODISE: short side 1024, not offered here); for its own rows it only says "resized
+# to 512 x 512", the size SD2-base and its training crops have, so `square` is the most likely
+# reading of what it ran, and `short` what the comparison's references would ask of it.
 PROTOCOLS = {"ade150": "short", "ade847": "short", "pc59": "short", "pc459": "short", "cocostuff171": "short",
              "cityscapes19": "slide", "bdd100k": "slide"}
+PROTOCOL_NAMES = ("long", "square", "short", "san", "catseg", "slide")
 
 
-def window_starts(length, window):
-    """Start offsets of windows of `window` px covering `length` px with stride 2/3 of a window."""
+def window_starts(length, window, stride=None):
+    """Start offsets of windows of `window` px covering `length` px, at `stride` (default 2/3 of a
+    window); the last window ends at the edge."""
     if length <= window:
         return [0]
-    stride = max(1, round(window * 2 / 3))
+    stride = stride or max(1, round(window * 2 / 3))
     return sorted(set(range(0, length - window, stride)) | {length - window})
+
+
+def resized(x, size):
+    """(C, H, W) -> (C, h, w), bilinear, antialiased when shrinking."""
+    shrink = size[0] < x.shape[1] or size[1] < x.shape[2]
+    return F.interpolate(x[None].float(), size=size, mode="bilinear", align_corners=False, antialias=shrink)[0]
+
+
+def sliding(model, image, names, kw, window, stride):
+    """probs (K, H, W): the mean over window x window crops at `stride`, each segmented at its size."""
+    (H, W), dev = image.shape[1:], model.device
+    total, count = torch.zeros(len(names), H, W, device=dev), torch.zeros(H, W, device=dev)
+    for top in window_starts(H, window, stride):
+        for left in window_starts(W, window, stride):
+            crop = image[:, top:top + window, left:left + window]
+            total[:, top:top + window, left:left + window] += model.segment(crop, names, long_side=max(crop.shape[1:]), **kw)
+            count[top:top + window, left:left + window] += 1
+    return total / count
 
 
 def segment_by_protocol(model, image, names, args):
@@ -73,15 +113,18 @@ def segment_by_protocol(model, image, names, args):
     R, (H, W) = model.cfg.resolution, image.shape[1:]
     if args.protocol == "long":
         return model.segment(image, names, **kw)
-    if args.protocol == "short":
-        return model.segment(image, names, long_side=round(R * max(H, W) / min(H, W)), **kw)
-    total, count = torch.zeros(len(names), H, W, device=model.device), torch.zeros(H, W, device=model.device)
-    for top in window_starts(H, R):                    # "slide": full resolution, R x R windows
-        for left in window_starts(W, R):
-            crop = image[:, top:top + R, left:left + R]
-            total[:, top:top + R, left:left + R] += model.segment(crop, names, long_side=max(crop.shape[1:]), **kw)
-            count[top:top + R, left:left + R] += 1
-    return total / count
+    if args.protocol == "square":
+        return resized(model.segment(resized(image, (R, R)), names, long_side=R, **kw), (H, W)).clamp(0, 1)
+    if args.protocol in ("short", "san"):
+        short, cap = (R, 4 * R) if args.protocol == "short" else (640, 2560)
+        scale = min(short / min(H, W), cap / max(H, W))
+        return model.segment(image, names, long_side=round(max(H, W) * scale), **kw)
+    if args.protocol == "catseg":
+        square = resized(image, (640, 640))
+        windows = sliding(model, square, names, kw, 384, 256)
+        whole = resized(model.segment(resized(image, (384, 384)), names, long_side=384, **kw), (640, 640))
+        return resized((windows + whole) / 2, (H, W)).clamp(0, 1)
+    return sliding(model, image, names, kw, R, None)                    # "slide"
 
 
 # ---- one image -----------------------------------------------------------------------------------
@@ -116,15 +159,15 @@ def result_key(args, cfg, digest, ds, n):
             **{k: getattr(args, k) for k in KEYED}}
 
 
-def evaluate(model, ds, args, key, tag, rank=0, world=1):
-    """This rank's images (rank, rank + world, ...) -> (confusion matrix (C+1, C+1), binary counts
+def evaluate(model, ds, args, key, tag, rank=0, count=1):
+    """This rank's images (rank, rank + count, ...) -> (confusion matrix (C+1, C+1), binary counts
     (len(taus), C, 4): intersection, union, |P|, |G| pooled over images, at each threshold tau of
     `taus` (TAUS for --study=tau, else --tau alone), images/s). The partial result is saved every
     --save_every images under a name that holds the key's digest, with the seconds spent on it, so
     that a resumed or reused result reports the speed it was computed at (not zero)."""
     C, taus = len(ds.class_names), study_taus(args)
     key_id = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    partial = os.path.join(args.out, f"partial_{tag}_{key_id}_rank{rank}of{world}.pt")
+    partial = os.path.join(args.out, f"partial_{tag}_{key_id}_rank{rank}of{count}.pt")
     cm, counts, done = np.zeros((C + 1, C + 1), np.int64), np.zeros((len(taus), C, 4), np.int64), []
     seconds = 0.0                                         # spent on `done` by earlier runs
     if os.path.isfile(partial):
@@ -133,7 +176,7 @@ def evaluate(model, ds, args, key, tag, rank=0, world=1):
             cm, counts, done = state["cm"].numpy(), state["counts"].numpy(), state["done"]
             seconds = state.get("seconds", float("nan"))   # partials of older versions did not say
             print(f"[rank {rank}] {tag}: resuming after {len(done)} images ({partial})", flush=True)
-    todo = [i for i in range(rank, key["images"], world) if i not in set(done)]
+    todo = [i for i in range(rank, key["images"], count) if i not in set(done)]
     t0 = time.time()
     for j, i in enumerate(todo):
         image, gt, path = ds[i]
@@ -280,12 +323,12 @@ def _class_masks(ds, n, seed=0):
 class Settings(Inference):
     # segment() and the proposals: launch.Inference (checkpoint, ensemble, steps, tau_bg, ...)
     dataset: str = "toy"             # toy, a benchmark of data.DATASETS, or folder (your own)
-    data_root: str = "data"          # the dataset's folder
+    data_root: str = "datasets"      # the dataset's folder
     split: str = "val"               # the split to score
     classes: str = ""                # a class-list file of your own (classes/*.txt's format)
     out: str = ""                    # default: out/eval/<run>-<checkpoint digest>/<dataset>-<split>
     study: str = ""                  # one of the studies in this file's docstring (empty: one evaluation)
-    protocol: str = "auto"           # how an image meets the model's resolution: by dataset, or long | short | slide (PROTOCOLS)
+    protocol: str = "auto"           # how an image meets the model: by dataset (PROTOCOLS), or long | square | short | san | catseg | slide
     proposals: bool = True           # CLIP proposes each image's classes (App. A.3, as the paper runs every benchmark); 0: every class
     limit: int = 0                   # evaluate the first N images only (0: all)
     max_steps: int = 50              # --study=steps: S = 1 .. max_steps
@@ -296,7 +339,7 @@ class Settings(Inference):
 
 
 STUDIES = ("", "sweep", "ensemble", "steps", "tau", "vae", "fractions")
-CHOICES = {**INFERENCE_CHOICES, "study": STUDIES, "protocol": ("auto", "long", "short", "slide"),
+CHOICES = {**INFERENCE_CHOICES, "study": STUDIES, "protocol": ("auto", *PROTOCOL_NAMES),
            "dataset": ("toy", *data.DATASETS)}
 RANGES = {**INFERENCE_RANGES, "max_steps": POSITIVE, "save_every": POSITIVE, "vae_masks": POSITIVE}
 
@@ -355,7 +398,7 @@ def main(argv=None):
     for tag, E, S, spacing in rows:
         args.ensemble, args.steps, args.spacing = E, S, spacing
         key = result_key(args, cfg, digest, ds, n)
-        cm, counts, rate = evaluate(model, ds, args, key, tag, procs.rank, procs.world)
+        cm, counts, rate = evaluate(model, ds, args, key, tag, procs.rank, procs.count)
         cm, counts = all_reduce_sum(cm, counts)
         if procs.master:
             taus = study_taus(args)                       # the row's binary scores: at the tau nearest --tau

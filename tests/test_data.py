@@ -1,4 +1,4 @@
-"""data.py on tiny fake datasets written in each benchmark's real on-disk layout (40 x 56 images)."""
+"""data/ on tiny fake datasets written in each benchmark's real on-disk layout (40 x 56 images)."""
 import numpy as np
 import pytest
 import torch
@@ -176,6 +176,24 @@ def test_user_class_list_replaces_the_shipped_one(tmp_path):
         build("cocostuff171", make(tmp_path / "c", "cocostuff171", {"x": stripes([0])}), "val", classes=short)
 
 
+@pytest.mark.parametrize("name, mask, dtype, raw", [("pc59", "pc59_val/{s}.png", np.uint8, [0, 58, 255, 30]),
+                                                    ("pc459", "pc459_val/{s}.tif", np.uint16, [0, 458, 300, 2])])
+def test_pascal_context_reads_catseg_layout_too(tmp_path, name, mask, dtype, raw):
+    """CAT-Seg's PASCAL Context (VOCdevkit/VOC2010): JPEGImages holds every VOC2010 image, so the split
+    is the images with a label map; the values are ODISE's, so the labels are the same."""
+    for s in ("2008_000002", "2008_000003"):
+        write_image(tmp_path / f"JPEGImages/{s}.jpg")
+    write_image(tmp_path / "JPEGImages/2007_000032.jpg")               # a VOC image outside PASCAL Context's val
+    for s in ("2008_000002", "2008_000003"):
+        write_mask(tmp_path / "annotations_detectron2" / mask.format(s=s), stripes(raw), dtype)
+    ev = build(name, tmp_path, "val", evaluation=True)
+    assert len(ev) == 2 and ev[0][2].endswith("2008_000002.jpg")
+    np.testing.assert_array_equal(ev[1][1].numpy(), stripes(raw))
+    write_mask(tmp_path / "annotations_detectron2" / mask.format(s="2008_000004"), stripes(raw), dtype)
+    with pytest.raises(DataError, match="2008_000004.* has no partner: expected .*JPEGImages/2008_000004.jpg"):
+        build(name, tmp_path, "val", evaluation=True)
+
+
 def test_shipped_class_lists():
     counts = {"ade150": 150, "ade847": 847, "pc59": 59, "pc459": 459, "cocostuff171": 171, "cityscapes19": 19,
               "phenobench": 3, "deepglobe": 1, "refuge": 2}
@@ -184,6 +202,28 @@ def test_shipped_class_lists():
         assert open(path).readline().startswith("# source: "), path
         assert len(data.read_class_file(path)) == n, name
     assert data.read_class_file(data.CLASSES_DIR / "ade847.txt")[11].startswith("person, individual")
+
+
+# The references' names, as they stand in their code: mmseg's PascalContextDataset59 and LoveDADataset
+# (open-mmlab/mmsegmentation, mmseg/datasets/pascal_context.py and loveda.py).
+MMSEG_PC59 = ("aeroplane bag bed bedclothes bench bicycle bird boat book bottle building bus cabinet car cat ceiling "
+              "chair cloth computer cow cup curtain dog door fence floor flower food grass ground horse keyboard light "
+              "motorbike mountain mouse person plate platform pottedplant road rock sheep shelves sidewalk sign sky snow "
+              "sofa table track train tree truck tvmonitor wall water window wood").split()
+LOVEDA = ("background", "building", "road", "water", "barren", "forest", "agricultural")
+
+
+@pytest.mark.parametrize("name, reference", [("pc59", MMSEG_PC59), ("loveda", LOVEDA)])
+def test_prompt_names_follow_the_reference_and_list_every_difference(name, reference):
+    """Each difference from the named reference is written in the class file's '# differences:' line,
+    by class index and by both names; nothing else differs."""
+    path = data.CLASSES_DIR / f"{name}.txt"
+    names = data.class_names_of(data.read_class_file(path))
+    differences = [ln for ln in open(path) if ln.startswith("# differences:")]
+    assert len(names) == len(reference) and len(differences) == 1
+    for k, (ours, theirs) in enumerate(zip(names, reference)):
+        if ours != theirs:
+            assert f"class {k}" in differences[0] and f"'{ours}'" in differences[0] and f"'{theirs}'" in differences[0]
 
 
 # ---- augmentation ----------------------------------------------------------------------------

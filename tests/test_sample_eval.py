@@ -175,6 +175,38 @@ def test_protocols_long_short_and_sliding_window(tiny_model):
     assert (slide - long).abs().max() > 1e-3
 
 
+def test_the_references_protocols_meet_the_model_at_their_sizes():
+    """square: R x R whatever the aspect; short: short side R, long side at most 4R (mmseg's 2048 for
+    512); san: short side 640, long side at most 2560; catseg: 640 x 640, four 384 windows at stride
+    256 and the whole image at 384, averaged. Every one answers at the label map's size. A stand-in
+    model records what segment() is given (the tiny U-Net at 640 px would take minutes)."""
+    from types import SimpleNamespace
+
+    class Recorder:
+        cfg, device = SimpleNamespace(resolution=32), torch.device("cpu")
+
+        def __init__(self):
+            self.calls = []
+
+        def segment(self, image, names, long_side=None, **kw):
+            self.calls.append((tuple(image.shape[1:]), long_side))
+            return torch.full((len(names), *image.shape[1:]), 1.0 if len(self.calls) == 5 else 0.2)   # catseg: whole = 5th
+
+    for protocol, (h, w), expected in (("square", (40, 56), [((32, 32), 32)]),
+                                       ("short", (40, 56), [((40, 56), 45)]),
+                                       ("short", (8, 64), [((8, 64), 128)]),        # capped at 4R; uncapped 256
+                                       ("san", (40, 56), [((40, 56), 896)]),
+                                       ("san", (10, 100), [((10, 100), 2560)]),
+                                       ("catseg", (40, 56), [((384, 384), 384)] * 4 + [((384, 384), 384)])):
+        model = Recorder()
+        probs = evaluation.segment_by_protocol(model, torch.rand(3, h, w) * 2 - 1, ["circle", "star"],
+                                               protocol_args(protocol))
+        assert model.calls == expected, (protocol, model.calls)
+        assert probs.shape == (2, h, w)
+        if protocol == "catseg":
+            assert torch.allclose(probs, torch.full_like(probs, 0.6))    # (windows' 0.2 + whole's 1.0) / 2
+
+
 def test_the_protocol_follows_the_dataset(checkpoint, tmp_path):
     root = tmp_path / "cityscapes"
     make_cityscapes(str(root))
