@@ -1,4 +1,6 @@
 """The toy world's dataset (data/toy.py): deterministic scenes whose labels match what is drawn."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -119,3 +121,46 @@ def test_the_e2e_studys_error_budget_adds_up(tiny_model, tmp_path):
     assert r["scenes"] == 3 and set(r["miou_by_tau_bg"]) == {"0.3", "0.5"}
     assert sum(r["shape_pixels"].values()) == pytest.approx(1.0)
     assert set(r["per_class"]) == set(data.TOY_CLASSES) and 0 <= r["background_taken_for_a_class"] <= 1
+
+
+def test_a_study_carries_on_from_its_results_file(tmp_path, monkeypatch):
+    """--study=prior resumes by cell: a rerun skips the cells the results file holds (whichever commit
+    and machine wrote them), runs only the rest, and appends each one as it finishes, with its commit
+    and machine; a line that is not a cell is a one-line error naming the file and line."""
+    import json
+    import types
+
+    from toyworld import cells as cells_module, studies
+    runs = []
+
+    def fake_train_and_eval(run, flags, val_images, env=None):
+        runs.append(os.path.basename(run))
+        if len(runs) == 3:
+            raise KeyboardInterrupt                      # the session ends mid-study
+        return 0.5 + 0.01 * len(runs), 12.0
+
+    monkeypatch.setattr(studies, "train_and_eval", fake_train_and_eval)
+    monkeypatch.setattr(studies, "build_bases", lambda out, v, c: ("sd2", "clip"))
+    monkeypatch.setattr(studies, "build_prior", lambda out, s, c, w: "sd2-prior")
+    monkeypatch.setattr(studies, "line_plot", lambda *a, **k: None)
+    path = tmp_path / "cells.jsonl"
+    args = types.SimpleNamespace(vae_steps=2, clip_steps=2, prior_steps=3, study_steps=5, val_images=4, study_seeds=1,
+                                 study_cells=str(path))
+    with pytest.raises(KeyboardInterrupt):
+        studies.study_prior(str(tmp_path / "toy"), args)
+    lines = [json.loads(ln) for ln in path.read_text().splitlines()]
+    assert [ln["cell"] for ln in lines] == ["scratch-50-all", "scratch-200-all"]
+    assert all(ln["commit"] and ln["machine"] and ln["settings"]["steps"] == 5 for ln in lines)
+    runs.clear()
+    monkeypatch.setattr(studies, "train_and_eval", lambda run, flags, n, env=None: runs.append(run) or (0.6, 10.0))
+    results = studies.study_prior(str(tmp_path / "toy"), args)
+    assert len(runs) == 2 * len(studies.STUDY_SCENES) + 2 - 2            # every cell but the two already there
+    assert results["scratch"][:2] == [[0.51], [0.52]]                     # theirs, read back from the file
+    assert len(path.read_text().splitlines()) == 2 * len(studies.STUDY_SCENES) + 2
+    runs.clear()
+    args.study_steps = 6                                                   # other settings: other cells
+    studies.study_prior(str(tmp_path / "toy"), args)
+    assert len(runs) == 2 * len(studies.STUDY_SCENES) + 2
+    path.write_text(path.read_text() + "not json\n")
+    with pytest.raises(ValueError, match=r"cells.jsonl:\d+: not a study cell"):
+        cells_module.Cells(str(path), ".")
