@@ -51,6 +51,7 @@ class Settings:
     e2e_steps: int = 600             # --study=e2e: each row's step budget (equal steps; its e2e rows also at equal time)
     study_jobs: int = 1              # --study=e2e: fine-tunings at a time (more than one: one CPU thread each)
     study_cells: str = "docs/study_cells.jsonl"   # the studies' finished cells, appended; a rerun skips them
+    study_rows: str = ""             # --study=e2e: only these rows (row-budget, comma-separated, e.g. e2e-c1time); the rest later
     debug: bool = False              # show the traceback of an error
 
 

@@ -164,3 +164,28 @@ def test_a_study_carries_on_from_its_results_file(tmp_path, monkeypatch):
     path.write_text(path.read_text() + "not json\n")
     with pytest.raises(ValueError, match=r"cells.jsonl:\d+: not a study cell"):
         cells_module.Cells(str(path), ".")
+
+
+def test_a_share_of_the_e2e_study_runs_its_rows_and_reports_them(tmp_path, monkeypatch):
+    """--study_rows runs those rows' cells only, the table holds the rows done so far, and an unknown
+    row is a one-line error that lists the valid ones."""
+    import types
+
+    from toyworld import studies
+    runs = []
+    monkeypatch.setattr(studies, "train_and_eval", lambda run, flags, n, env=None: runs.append(os.path.basename(run)) or (0.7, 9.0))
+    monkeypatch.setattr(studies, "build_bases", lambda out, v, c: ("sd2", "clip"))
+    monkeypatch.setattr(studies, "build_prior", lambda out, s, c, w: "sd2-prior")
+    monkeypatch.setattr(studies, "vae_ceiling", lambda sd2, n: {"miou": 0.9})
+    monkeypatch.setattr(studies, "e2e_figures", lambda *a: None)
+    args = types.SimpleNamespace(vae_steps=2, clip_steps=2, prior_steps=3, e2e_steps=8, train_steps=16, val_images=4,
+                                 study_seeds=2, study_jobs=1, study_cells=str(tmp_path / "cells.jsonl"),
+                                 study_rows="e2e-c1time,preset-c1")
+    results = studies.study_e2e(str(tmp_path / "toy"), args)
+    assert sorted(runs) == ["e2e-c1time-20000-seed0", "e2e-c1time-20000-seed1", "preset-c1-20000-seed0",
+                            "preset-c1-20000-seed1"]
+    assert set(results["rows"]) == {"e2e-c1time", "preset-c1"} and results["seeds"] == 2
+    assert results["rows"]["e2e-c1time"]["20000"]["steps"] == round(16 / studies.E2E_STEP_COST)
+    args.study_rows = "e2e-c2"
+    with pytest.raises(SystemExit, match="--study_rows: unknown e2e-c2; valid: .*e2e-c1time"):
+        studies.study_e2e(str(tmp_path / "toy"), args)

@@ -166,6 +166,12 @@ def study_e2e(out, args):
                     if scenes == E2E_SCENES[0] or (row != "e2e-mse" and not budget.startswith("c1"))]
             jobs_of.update({(row, budget, j[4]): [k for k in jobs if k[4] == j[4]] for j in jobs})
             (wave2 if base == "preset-half" else wave1).extend(jobs)
+    if args.study_rows:                               # a share of the study: the rest waits for a later run
+        known = {f"{j[0]}-{j[6]}" for j in wave1 + wave2}
+        rows = set(args.study_rows.split(","))
+        if rows - known:
+            raise SystemExit(f"--study_rows: unknown {', '.join(sorted(rows - known))}; valid: {', '.join(sorted(known))}")
+        wave1, wave2 = ([j for j in w if f"{j[0]}-{j[6]}" in rows] for w in (wave1, wave2))
     todo = [j for j in wave1 + wave2 if cells.get("e2e", f"{j[0]}-{j[6]}-{j[4]}", j[5], settings_of(j)) is None]
     log(f"e2e study: {len(wave1) + len(wave2)} cells, {len(wave1) + len(wave2) - len(todo)} already in "
         f"{args.study_cells}; {len(todo)} to run, {args.study_jobs} at a time")
@@ -178,19 +184,24 @@ def study_e2e(out, args):
         if not jobs:
             return None
         recs = [cells.get("e2e", f"{row}-{budget}-{scenes}", j[5], settings_of(j)) for j in jobs]
+        recs = [r for r in recs if r is not None]         # the seeds done so far
+        if not recs:
+            return None
         miou = [r["miou"] for r in recs]
         first = N // 2 if row == "ontop" else 0           # the preset's steps it started from
         return {"miou": miou, "mean": float(np.mean(miou)), "steps": recs[0]["steps"],
                 "steps_on_top": recs[0]["steps"] - first if first else None,
                 "train_seconds": [r["train_seconds"] for r in recs], "commits": sorted({r["commit"] for r in recs})}
 
-    results = {"steps": N, "e2e_step_cost": E2E_STEP_COST, "val_images": args.val_images, "seeds": args.study_seeds,
-               "rows": {f"{row}-{budget}": {str(n): score(row, n, budget) for n in E2E_SCENES}
-                        for row, *_ in E2E_ROWS for budget in ("steps", "time", "c1", "c1time")}}
-    results["rows"] = {k: v for k, v in results["rows"].items() if any(v.values())}
-    best = {kind: max((k for k in results["rows"] if k.startswith(prefix)),
-                      key=lambda k: results["rows"][k][str(E2E_SCENES[0])]["mean"])
-            for kind, prefix in (("diffusion", ("paper", "preset")), ("e2e", ("e2e", "prior", "ontop")))}
+    rows = {f"{row}-{budget}": {str(n): score(row, n, budget) for n in E2E_SCENES}
+            for row, *_ in E2E_ROWS for budget in ("steps", "time", "c1", "c1time")}
+    rows = {k: v for k, v in rows.items() if any(v.values())}
+    seeds = max((len(c["miou"]) for v in rows.values() for c in v.values() if c), default=0)   # the most any row has
+    results = {"steps": N, "e2e_step_cost": E2E_STEP_COST, "val_images": args.val_images, "seeds": seeds, "rows": rows}
+    on_all = {k: v[str(E2E_SCENES[0])] for k, v in results["rows"].items() if v[str(E2E_SCENES[0])]}
+    best = {kind: max((k for k in on_all if k.startswith(prefix)), key=lambda k: on_all[k]["mean"])
+            for kind, prefix in (("diffusion", ("paper", "preset")), ("e2e", ("e2e", "prior", "ontop")))
+            if any(k.startswith(prefix) for k in on_all)}
     results["errors"] = {}
     for kind, key in best.items():                    # seed 0 of the best row of each kind, on all scenes
         row, budget = key.rsplit("-", 1)
