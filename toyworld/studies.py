@@ -124,9 +124,8 @@ def study_e2e(out, args):
     <out>/e2e/results.json, e2e.png, predictions.png and errors.json."""
     from concurrent.futures import ThreadPoolExecutor
     sd2_dir, clip_dir = build_bases(out, args.vae_steps, args.clip_steps)
-    bases = {"scratch": sd2_dir, "prior": build_prior(out, sd2_dir, clip_dir,
-                                                      pretraining_record(args.vae_steps, args.clip_steps, args.prior_steps))}
     world = pretraining_record(args.vae_steps, args.clip_steps, args.prior_steps)
+    bases = {"scratch": sd2_dir}                      # and "prior", built below if a cell to run needs it
     folder, N, cells = os.path.join(out, "e2e"), args.e2e_steps, Cells(args.study_cells, ROOT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"} if args.study_jobs > 1 else None
 
@@ -173,6 +172,8 @@ def study_e2e(out, args):
             raise SystemExit(f"--study_rows: unknown {', '.join(sorted(rows - known))}; valid: {', '.join(sorted(known))}")
         wave1, wave2 = ([j for j in w if f"{j[0]}-{j[6]}" in rows] for w in (wave1, wave2))
     todo = [j for j in wave1 + wave2 if cells.get("e2e", f"{j[0]}-{j[6]}-{j[4]}", j[5], settings_of(j)) is None]
+    if any(j[2] == "prior" for j in todo):
+        bases["prior"] = build_prior(out, sd2_dir, clip_dir, world)
     log(f"e2e study: {len(wave1) + len(wave2)} cells, {len(wave1) + len(wave2) - len(todo)} already in "
         f"{args.study_cells}; {len(todo)} to run, {args.study_jobs} at a time")
     for wave in (wave1, wave2):
