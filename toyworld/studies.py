@@ -31,6 +31,11 @@ STUDY_DTYPE = "fp32"
 STUDY_SIZE = 64
 
 
+# How every study cell is scored: one member, one trailing step, as command 1 scores (a cell's
+# settings record it, so a change here makes new cells).
+STUDY_EVAL = ("--ensemble=1", "--steps=1", "--spacing=trailing")
+
+
 def train_and_eval(run, train_flags, val_images, env=None):
     """One cell's work: train.py into `run`, then eval.py of its checkpoint on the first val_images
     toy validation scenes, with their output in <run>/log.txt -> (mIoU, training seconds)."""
@@ -38,7 +43,7 @@ def train_and_eval(run, train_flags, val_images, env=None):
     with open(os.path.join(run, "log.txt"), "w") as f:
         start, seconds = time.time(), None
         for script, argv in (("train.py", ["--preset=toy", f"--out_dir={run}", "--overwrite=1", *train_flags]),
-                             ("eval.py", [f"--checkpoint={run}/checkpoint", "--dataset=toy", "--proposals=0",
+                             ("eval.py", [f"--checkpoint={run}/checkpoint", "--dataset=toy", "--proposals=0", *STUDY_EVAL,
                                           f"--limit={val_images}", f"--out={run}/eval"])):
             if subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], env=env, stdout=f,
                               stderr=subprocess.STDOUT).returncode != 0:
@@ -61,6 +66,7 @@ def study_prior(out, args):
     def finetune(init, scenes_, seed, trainable="all"):
         cell = f"{init}-{scenes_}-{trainable}"
         settings = {"steps": args.study_steps, "scenes": scenes_, "val_images": args.val_images, "world": world,
+                    "eval": " ".join(STUDY_EVAL),
                     "t_max_share": STUDY_T_MAX_SHARE, "dtype": STUDY_DTYPE, "size": STUDY_SIZE}
         done = cells.get("prior", cell, seed, settings)
         if done is None:
@@ -135,7 +141,7 @@ def study_e2e(out, args):
     def settings_of(job):
         row, flags, base, steps, scenes, seed, budget = job
         return {"steps": steps, "scenes": scenes, "flags": flags, "base": base, "val_images": args.val_images,
-                "world": world, "dtype": "fp32", **({"first": N // 2} if base == "preset-half" else {})}
+                "world": world, "dtype": "fp32", "eval": " ".join(STUDY_EVAL), **({"first": N // 2} if base == "preset-half" else {})}
 
     def finetune(job):
         row, flags, base, steps, scenes, seed, budget = job
