@@ -39,13 +39,14 @@ def rescale_zero_terminal_snr(betas):
 
 def _gather(alphas_cumprod, t, like):
     """alpha_bar_t for a timestep t (an int, or a 0-d or (B,) tensor), shaped to broadcast against
-    `like` (B, C, H, W) and on its device. An int indexes directly: nothing is read back from a
-    device. DiGSeg keeps its one schedule on the host, with its timesteps (drawn there), so a
-    training step copies B numbers to the device and never reads one back."""
+    `like` (B, C, H, W). An int gives a 0-d tensor of the schedule's device, which torch takes as a
+    scalar on any device: no copy, nothing read back. DiGSeg keeps its one schedule on the host with
+    its timesteps (drawn there), so a training step copies B numbers to the device (without waiting
+    for it) and never reads one back."""
     if isinstance(t, int):
-        return alphas_cumprod[t].to(like.device, like.dtype)
+        return alphas_cumprod[t].to(like.dtype)
     t = torch.as_tensor(t, device=alphas_cumprod.device)
-    a = alphas_cumprod[t.long()].to(like.device, like.dtype)
+    a = alphas_cumprod[t.long()].to(like.device, like.dtype, non_blocking=True)
     return a.reshape(-1, *([1] * (like.dim() - 1))) if a.dim() else a
 
 
@@ -133,11 +134,12 @@ def ddim_step(pred, z_t, t, t_prev, alphas_cumprod, prediction="epsilon", eta=0.
 def ddim_update(x0, eps, z_t, t, t_prev, alphas_cumprod, eta=0.0, noise=None):
     """Eq. 7 from the pair (x0_hat, eps_hat) that the network's output implies (ddim_step)."""
     if isinstance(t_prev, int):
-        a_prev = _gather(alphas_cumprod, t_prev, z_t) if t_prev >= 0 else torch.ones((), dtype=z_t.dtype, device=z_t.device)
+        a_prev = _gather(alphas_cumprod, t_prev, z_t) if t_prev >= 0 else torch.ones((), dtype=z_t.dtype)
     else:
         t_prev = torch.as_tensor(t_prev, device=alphas_cumprod.device)
         one = torch.ones((), dtype=alphas_cumprod.dtype, device=alphas_cumprod.device)
-        a_prev = torch.where(t_prev >= 0, alphas_cumprod[t_prev.clamp(min=0).long()], one).to(z_t.device, z_t.dtype)
+        a_prev = torch.where(t_prev >= 0, alphas_cumprod[t_prev.clamp(min=0).long()], one)
+        a_prev = a_prev.to(z_t.device, z_t.dtype, non_blocking=True)
         a_prev = a_prev.reshape(-1, *([1] * (z_t.dim() - 1))) if a_prev.dim() else a_prev
     if eta == 0:
         return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps  # Eq. 7, sigma_t = 0
