@@ -143,10 +143,17 @@ def study_e2e(out, args):
         return {"steps": steps, "scenes": scenes, "flags": flags, "base": base, "val_images": args.val_images,
                 "world": world, "dtype": "fp32", "eval": " ".join(STUDY_EVAL), **({"first": N // 2} if base == "preset-half" else {})}
 
+    def cell_of(job):                                 # the name a job's cell has in the results file
+        row, _, _, _, scenes, _, budget = job
+        return f"{row}-{budget}-{scenes}"
+
+    def done(job):
+        return cells.get("e2e", cell_of(job), job[5], settings_of(job))
+
     def finetune(job):
         row, flags, base, steps, scenes, seed, budget = job
-        cell = f"{row}-{budget}-{scenes}"
-        if cells.get("e2e", cell, seed, settings_of(job)) is not None:
+        cell = cell_of(job)
+        if done(job) is not None:
             return
         half = run_dir("preset-half", scenes, seed, "steps")
         if base == "preset-half" and not os.path.isdir(os.path.join(half, "checkpoint")):
@@ -177,7 +184,7 @@ def study_e2e(out, args):
         if rows - known:
             raise SystemExit(f"--study_rows: unknown {', '.join(sorted(rows - known))}; valid: {', '.join(sorted(known))}")
         wave1, wave2 = ([j for j in w if f"{j[0]}-{j[6]}" in rows] for w in (wave1, wave2))
-    todo = [j for j in wave1 + wave2 if cells.get("e2e", f"{j[0]}-{j[6]}-{j[4]}", j[5], settings_of(j)) is None]
+    todo = [j for j in wave1 + wave2 if done(j) is None]
     if any(j[2] == "prior" for j in todo):
         bases["prior"] = build_prior(out, sd2_dir, clip_dir, world)
     log(f"e2e study: {len(wave1) + len(wave2)} cells, {len(wave1) + len(wave2) - len(todo)} already in "
@@ -190,8 +197,7 @@ def study_e2e(out, args):
         jobs = jobs_of.get((row, budget, scenes))
         if not jobs:
             return None
-        recs = [cells.get("e2e", f"{row}-{budget}-{scenes}", j[5], settings_of(j)) for j in jobs]
-        recs = [r for r in recs if r is not None]         # the seeds done so far
+        recs = [r for r in map(done, jobs) if r is not None]    # the seeds done so far
         if not recs:
             return None
         miou = [r["miou"] for r in recs]
