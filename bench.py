@@ -3,6 +3,7 @@ same threads, same configs, random weights.
 
     python bench.py                  # every CPU section
     python bench.py --only=sd2       # comma-separated sections
+    python bench.py --only=toy       # where a step of command 1's fine-tuning spends its time
     python bench.py --device=cuda    # the GPU sections: U-Net vs diffusers at batch 2 and 16 (autocast
                                      # over fp32 weights, and bf16 weights), segment() throughput,
                                      # training steps by batch size with and without checkpointing
@@ -10,6 +11,7 @@ same threads, same configs, random weights.
                                      # cudnn.benchmark, compiled VAE); where a step's GPU time goes
 """
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -175,7 +177,61 @@ def bench_train():
     print(f"paper / all step time: {times['paper'][0] / times['all'][0]:.2f}")
 
 
-SECTIONS = {"sd2": bench_sd2, "clip": bench_clip, "digseg": bench_digseg, "train": bench_train, "e2e": bench_e2e}
+def bench_toy(steps=20):
+    """Where a step of command 1's fine-tuning spends its time: train.py's toy preset (batch 16, 48 px
+    crops, p_absent 0.3, t_max_share 0.75) on the toy U-Net and VAE with random weights, split into
+    the data (drawing the scenes), the two VAE encodes, the U-Net's forward and backward, and AdamW."""
+    import time
+
+    import data
+    from digseg import DiGSeg
+    from model.clip import CLIP, CLIPConfig, CLIPTextConfig, CLIPVisionConfig, train_bpe
+    from model.unet import UNet2DCondition
+    from model.vae import AutoencoderKL
+    from model.weights import save_clip_folder, save_sd2_folder
+    from toyworld.pretrain import TEMPLATES, TOY_CLIP_TEXT, TOY_CLIP_VISION, TOY_UNET, TOY_VAE
+
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_sd2_folder(os.path.join(tmp, "sd2"), UNet2DCondition(TOY_UNET), AutoencoderKL(TOY_VAE), "v_prediction")
+        tok = train_bpe([t.format(c) for t in TEMPLATES for c in data.TOY_CLASSES] * 4, 300, os.path.join(tmp, "bpe"))
+        clip = CLIP(CLIPConfig(CLIPTextConfig(vocab_size=tok.vocab_size, eos_token_id=tok.eot, **TOY_CLIP_TEXT),
+                               CLIPVisionConfig(**TOY_CLIP_VISION), projection_dim=64))
+        save_clip_folder(os.path.join(tmp, "clip"), clip, os.path.join(tmp, "bpe"))
+        model = DiGSeg.from_weights(os.path.join(tmp, "sd2"), os.path.join(tmp, "clip"), resolution=64,
+                                    target="v_prediction").train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    train_set = data.ToyTrain("train", size=48, p_absent=0.3)
+    print(f"\nA toy fine-tuning step, batch 16 at 48 px: U-Net {TOY_UNET.block_out_channels}, VAE "
+          f"{TOY_VAE.block_out_channels} ({torch.get_num_threads()} threads; median of {steps} steps after 3)", flush=True)
+    times = []
+    for i in range(steps + 3):
+        clock = [time.perf_counter()]
+        batch = data.collate([train_set[j] for j in range(16 * i, 16 * i + 16)])
+        gens = [torch.Generator().manual_seed(j) for j in range(16)]
+        clock.append(time.perf_counter())
+        with torch.no_grad():                    # timed alone: loss() encodes them again, as train.py's step does
+            model.encode_image(batch["image"]), model.encode_mask(batch["mask"])
+        clock.append(time.perf_counter())
+        loss = model.loss(batch["image"], batch["mask"], batch["prompt"], gens, 0.75)
+        clock.append(time.perf_counter())
+        loss.backward()
+        clock.append(time.perf_counter())
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        clock.append(time.perf_counter())
+        times.append([b - a for a, b in zip(clock, clock[1:])])
+    med = [1000 * statistics.median(t[k] for t in times[3:]) for k in range(5)]
+    med[2] -= med[1]                             # the forward without the encodes
+    for name, ms in zip(("data", "VAE encodes (image, mask)", "U-Net forward + loss", "backward", "clip + AdamW"), med):
+        print(f"  {name:<28} {ms:7.1f} ms  {100 * ms / sum(med):4.0f} %", flush=True)
+    print(f"  {'step':<28} {sum(med):7.1f} ms  {16000 / sum(med):.0f} img/s", flush=True)
+
+
+SECTIONS = {"sd2": bench_sd2, "clip": bench_clip, "digseg": bench_digseg, "train": bench_train, "e2e": bench_e2e,
+            "toy": bench_toy}
 CUDA_SECTIONS = {"unet": bench_cuda_unet, "segment": bench_cuda_segment, "train": bench_cuda_train,
                  "choices": bench_cuda_choices, "profile": bench_cuda_profile, "e2e": bench_e2e}
 SECTIONS_HELP = f"\nSections: CPU {', '.join(SECTIONS)}; CUDA {', '.join(CUDA_SECTIONS)}."

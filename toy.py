@@ -38,7 +38,7 @@ class Settings:
     out: str = "out/toy"             # the world's folder: its stages, DiGSeg, the evaluation
     vae_steps: int = 1500            # stage 1: the toy VAE's steps
     clip_steps: int = 600            # stage 2: the toy CLIP's steps
-    train_steps: int = 1600          # stage 3: DiGSeg's fine-tuning steps (train.py --preset=toy)
+    train_steps: int = 2400          # stage 3: DiGSeg's fine-tuning steps (train.py --preset=toy)
     prior: bool = False              # fine-tune the U-Net pretrained as a text-to-image model (stage 2b), not one from scratch
     prior_steps: int = 600           # stage 2b's steps (batch 32)
     val_images: int = 100            # validation scenes scored

@@ -283,15 +283,25 @@ def test_missing_tensors_in_a_checkpoint_are_an_error(ckpt):
 
 # ---- 10. toy.py follows its step flags -------------------------------------------------------------------------
 
-def test_toy_rebuilds_a_stage_whose_settings_changed(tmp_path):
+def test_toy_rebuilds_a_stage_whose_settings_changed(tmp_path, monkeypatch):
+    """A new step count rebuilds its stage and the ones after it; so does a new U-Net shape, which
+    stage 1 saves beside the VAE (an old world would otherwise fine-tune the old shape)."""
+    import dataclasses
     from toyworld import world as toy
     out = str(tmp_path / "toy")
+    vae_file = os.path.join(out, "sd2", "vae", "diffusion_pytorch_model.safetensors")
     ckpt = toy.build_world(out, vae_steps=2, clip_steps=2, train_steps=2)
-    vae_before = os.path.getmtime(os.path.join(out, "sd2", "vae", "diffusion_pytorch_model.safetensors"))
+    vae_before = os.path.getmtime(vae_file)
     assert json.load(open(os.path.join(ckpt, "progress.json")))["step"] == 2
     toy.build_world(out, vae_steps=2, clip_steps=2, train_steps=3)
     assert json.load(open(os.path.join(ckpt, "progress.json")))["step"] == 3
-    assert os.path.getmtime(os.path.join(out, "sd2", "vae", "diffusion_pytorch_model.safetensors")) == vae_before
+    assert os.path.getmtime(vae_file) == vae_before
+    narrower = dataclasses.replace(toy.TOY_UNET, block_out_channels=(16, 32), norm_num_groups=8)
+    monkeypatch.setattr(toy, "TOY_UNET", narrower)
+    toy.build_world(out, vae_steps=2, clip_steps=2, train_steps=3)
+    assert os.path.getmtime(vae_file) != vae_before
+    assert json.load(open(os.path.join(out, "sd2", "unet", "config.json")))["block_out_channels"] == [16, 32]
+    assert json.load(open(os.path.join(ckpt, "..", "toy_stage.json")))["unet"] == [16, 32]
 
 
 def test_toy_precision_follows_the_cpu_and_is_part_of_the_stage_records(tmp_path, monkeypatch):

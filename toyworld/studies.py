@@ -104,7 +104,7 @@ def study_prior(out, args):
 
 # ---- beyond the paper: the e2e objective at toy scale (--study=e2e) ---------------------------------
 
-E2E_STEP_COST = 1.35        # an e2e step / a diffusion step at the toy preset (bench.py --only=e2e; docs/results.md)
+E2E_STEP_COST = 1.84        # an e2e step / a diffusion step at the toy preset (bench.py --only=e2e; docs/results.md)
 E2E_SCENES = (20000, 200)   # labelled training scenes: all of them, and few
 # The rows: (name, what it is, train.py flags, base, share of the step budget, budgets). Each row runs
 # at the study's step budget N ("steps"); the e2e and ontop rows also at the e2e steps that cost what

@@ -16,7 +16,7 @@ from model.unet import UNet2DCondition
 from model.files import file_digest, write_text_atomic
 from model.weights import load_clip, load_sd2, save_clip_folder, save_sd2_folder
 from plot import image_grid, line_plot
-from toyworld.pretrain import (TOY_UNET, VAE_BATCH, log, pretrain_clip, pretrain_prior, pretrain_vae,
+from toyworld.pretrain import (TOY_UNET, TOY_VAE, VAE_BATCH, log, pretrain_clip, pretrain_prior, pretrain_vae,
                                prior_samples)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))     # the repository: train.py, eval.py
@@ -54,7 +54,7 @@ def run_script(script, *flags):
         raise SystemExit(f"toy: {' '.join(cmd)} failed with exit code {code} (its error is above)")
 
 
-def build_world(out="out/toy", vae_steps=1500, clip_steps=600, train_steps=1600, prior_steps=0, seed=0, dtype=None):
+def build_world(out="out/toy", vae_steps=1500, clip_steps=600, train_steps=2400, prior_steps=0, seed=0, dtype=None):
     """Stages 1-3, each skipped when built with the same settings. prior_steps > 0: stage 2b, and
     DiGSeg fine-tunes the text-to-image U-Net instead of one from scratch. dtype: fp32 | bf16 of
     stage 3 (None: default_dtype()). Returns the DiGSeg checkpoint folder."""
@@ -77,7 +77,7 @@ def build_world(out="out/toy", vae_steps=1500, clip_steps=600, train_steps=1600,
 def build_bases(out, vae_steps, clip_steps):
     """Stages 1 (the VAE) and 2 (CLIP), the pretrained pieces, in fp32: -> (SD2 folder, CLIP folder)."""
     sd2_dir, clip_dir = os.path.join(out, "sd2"), os.path.join(out, "clip")
-    stage1, stage2 = {"vae_steps": vae_steps, "vae_batch": VAE_BATCH}, {"clip_steps": clip_steps}
+    stage1, stage2 = {"vae_steps": vae_steps, "vae_batch": VAE_BATCH, **shapes()}, {"clip_steps": clip_steps}
     if not stage_is_built(sd2_dir, stage1):
         log("stage 1/4: pretraining the toy VAE on images and masks")
         vae, curve = pretrain_vae(vae_steps)
@@ -95,10 +95,17 @@ def build_bases(out, vae_steps, clip_steps):
     return sd2_dir, clip_dir
 
 
+def shapes():
+    """The toy VAE's and U-Net's widths: stage 1 saves both (the U-Net from scratch), so a new shape
+    rebuilds the world, and the study cells (their settings hold the world's record) start anew."""
+    return {"vae": list(TOY_VAE.block_out_channels), "unet": list(TOY_UNET.block_out_channels)}
+
+
 def pretraining_record(vae_steps, clip_steps, prior_steps):
     """The settings of stages 1, 2 and 2b: stage 2b's record, and part of stage 3's, so that a
     stage is rebuilt when one it is built on changes."""
-    return {"vae_steps": vae_steps, "vae_batch": VAE_BATCH, "clip_steps": clip_steps, "prior_steps": prior_steps}
+    return {"vae_steps": vae_steps, "vae_batch": VAE_BATCH, **shapes(), "clip_steps": clip_steps,
+            "prior_steps": prior_steps}
 
 
 def build_prior(out, sd2_dir, clip_dir, settings):
