@@ -14,7 +14,8 @@ Each stage records its settings in <its folder>/toy_stage.json and is skipped wh
 (delete out/toy to start over); a stage whose settings changed is rebuilt, and the stages after it.
 DIGSEG_TOY_QUICK=1 (the tests, and notebooks under test) builds a quick world with few steps.
 --study=prior|e2e runs a study (toyworld/studies.py); its finished cells are appended to
-docs/study_cells.jsonl, and a rerun, by anyone, carries on where that file ends.
+docs/study_cells.jsonl, and a rerun, by anyone, carries on where that file ends. --study=ceiling
+measures where command 1's mIoU goes on the way to the toy VAE's ceiling (toyworld/ceiling.py).
 
 Precision: DiGSeg's fine-tuning, the longest stage, trains under bf16 autocast over fp32 weights,
 as the paper's presets do, where bf16 is computed natively: on a GPU, or on a CPU with AVX512-BF16
@@ -29,7 +30,7 @@ import time
 from dataclasses import dataclass
 
 from launch import POSITIVE, parse_settings, run
-from toyworld.studies import readme_figure, study_e2e, study_prior
+from toyworld.studies import readme_figure, study_ceiling, study_e2e, study_prior
 from toyworld.world import build_world, default_dtype, log, run_script
 
 
@@ -44,7 +45,7 @@ class Settings:
     val_images: int = 100            # validation scenes scored
     seed: int = 0                    # the fine-tuning seed (data order, classes, t and noise)
     dtype: str = "auto"              # of the fine-tuning; auto: bf16 on a GPU or on a CPU that computes it natively, else fp32
-    study: str = ""                  # prior: scratch vs the text-to-image prior; e2e: the e2e objective (docs/results.md)
+    study: str = ""                  # prior: scratch vs the text-to-image prior; e2e: the e2e objective; ceiling: command 1 vs the VAE's ceiling
     study_steps: int = 600           # --study=prior: fine-tuning steps per run
     study_seeds: int = 3             # fine-tuning seeds per study cell
     figure: str = ""                 # write the README's picture of the toy world (docs/toy.png) from its checkpoint
@@ -55,7 +56,7 @@ class Settings:
     debug: bool = False              # show the traceback of an error
 
 
-CHOICES = {"dtype": ("auto", "fp32", "bf16"), "study": ("", "prior", "e2e")}
+CHOICES = {"dtype": ("auto", "fp32", "bf16"), "study": ("", "prior", "e2e", "ceiling")}
 RANGES = {k: POSITIVE for k in ("vae_steps", "clip_steps", "train_steps", "prior_steps", "val_images", "study_steps",
                                 "study_seeds", "e2e_steps", "study_jobs")}
 
@@ -65,7 +66,7 @@ def main(argv=None):
     args.dtype = default_dtype() if args.dtype == "auto" else args.dtype
     t_start = time.time()
     if args.study:
-        (study_prior if args.study == "prior" else study_e2e)(args.out, args)
+        {"prior": study_prior, "e2e": study_e2e, "ceiling": study_ceiling}[args.study](args.out, args)
         log(f"study done in {(time.time() - t_start) / 60:.1f} min")
         return 0
     ckpt = build_world(args.out, args.vae_steps, args.clip_steps, args.train_steps, args.prior_steps * args.prior,

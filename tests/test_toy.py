@@ -112,15 +112,41 @@ def test_the_prior_stage_trains_saves_and_digseg_widens_it(tmp_path):
     assert torch.equal(fresh.unet.mid_block.attentions[0].proj_in.weight, prior.unet.mid_block.attentions[0].proj_in.weight)
 
 
-def test_the_e2e_studys_error_budget_adds_up(tiny_model, tmp_path):
-    """toyworld.studies.error_budget splits the shapes' pixels into found, missed and taken for another class
-    (their shares add up to 1) and scores every background threshold it is asked for."""
-    from toyworld import studies as toy
+def test_the_error_budget_adds_up(tiny_model, tiny_paths, tmp_path):
+    """toyworld.ceiling.error_budget splits the shapes' pixels into found, missed and taken for another class
+    (their shares add up to 1), scores every background threshold and working size it is asked for;
+    the VAE's ceiling reports the same breakdown at each scale."""
+    from toyworld import ceiling
     tiny_model.save(tmp_path / "ck")
-    r = toy.error_budget(str(tmp_path / "ck"), 3, tau_bgs=(0.3, 0.5))
-    assert r["scenes"] == 3 and set(r["miou_by_tau_bg"]) == {"0.3", "0.5"}
+    r = ceiling.error_budget(str(tmp_path / "ck"), 3, tau_bgs=(0.3, 0.5), long_sides=(32, 64))
+    assert r["scenes"] == 3 and set(r["miou_by_tau_bg"]) == {"0.3", "0.5"} and set(r["miou_by_long_side"]) == {"32", "64"}
+    assert r["miou_by_long_side"]["32"] == r["miou_by_tau_bg"]["0.5"]
     assert sum(r["shape_pixels"].values()) == pytest.approx(1.0)
     assert set(r["per_class"]) == set(data.TOY_CLASSES) and 0 <= r["background_taken_for_a_class"] <= 1
+    assert list(r["recall_by_depth"]) == ["1", "2", "3", "4+"]
+    c = ceiling.vae_ceiling(tiny_paths[0], 2)
+    assert set(c["miou_by_long_side"]) == {"64", "128"} and c["miou"] == c["miou_by_long_side"]["64"]
+    assert sum(c["shape_pixels"].values()) == pytest.approx(1.0) and all(0 <= v <= 1 for v in c["recall_by_depth"].values())
+
+
+def test_edge_depth_counts_steps_in_from_the_edge_and_recall_by_depth_follows_it():
+    """A pixel's depth is 1 on a shape's edge and one more per 4-neighbour step inwards; the image's
+    border is not an edge. A prediction one pixel thinner than the truth loses exactly depth 1."""
+    from toyworld import ceiling
+    mask = np.zeros((9, 9), bool)
+    mask[1:8, 1:8] = True                                            # a 7 x 7 square, one pixel from the border
+    d = ceiling.edge_depth(mask)
+    assert d[0].tolist() == [0] * 9 and d[4].tolist() == [0, 1, 2, 3, 4, 3, 2, 1, 0]
+    at_border = np.zeros((6, 6), bool)
+    at_border[:, :3] = True                                          # cut by the left border: its edge is on the right only
+    assert ceiling.edge_depth(at_border)[2].tolist() == [3, 2, 1, 0, 0, 0]
+    gt = torch.full((9, 9), -1)
+    gt[torch.from_numpy(mask)] = 2
+    thinner = torch.zeros(6, 9, 9)
+    thinner[2][torch.from_numpy(d >= 2)] = 1.0                       # the shape less its edge
+    tally = ceiling.Tally(6, (0.5,))
+    tally.add(thinner, gt)
+    assert tally.recall_by_depth() == {"1": 0.0, "2": 1.0, "3": 1.0, "4+": 1.0}
 
 
 def test_a_study_carries_on_from_its_results_file(tmp_path, monkeypatch):

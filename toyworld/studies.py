@@ -1,5 +1,6 @@
 """The toy studies (python toy.py --study=...): the paper's premise and the e2e objective at toy
-scale, the error budget of a checkpoint, the VAE's ceiling, and the README's picture."""
+scale, where command 1's mIoU goes on the way to the VAE's ceiling (toyworld/ceiling.py), and the
+README's picture."""
 import json
 import os
 import subprocess
@@ -10,14 +11,14 @@ import numpy as np
 import torch
 
 import data
-from digseg import DiGSeg, mask_to_image
+from digseg import DiGSeg
 from model.diffusion import ddim_sample, ddim_timesteps
 from model.files import write_text_atomic
-from model.weights import load_sd2
 from plot import image_grid, line_plot
 from toyworld.cells import Cells
+from toyworld.ceiling import ceiling_figure, error_budget, vae_ceiling
 from toyworld.pretrain import log
-from toyworld.world import ROOT, build_bases, build_prior, pretraining_record
+from toyworld.world import ROOT, build_bases, build_prior, build_world, pretraining_record
 
 
 STUDY_SCENES = (50, 200, 1000, 20000)            # labelled training scenes: the paper's Fig. 6 fractions in small
@@ -274,54 +275,38 @@ def aggregate_toy(model, image, tau_bg=0.5):
     return aggregate(model.segment(image, list(data.TOY_CLASSES), ensemble=1, steps=1), tau_bg)
 
 
-@torch.no_grad()
-def error_budget(ckpt, n, tau_bgs=(0.3, 0.4, 0.5, 0.6, 0.7)):
-    """Where a checkpoint's mIoU goes, on the first n validation scenes, every class run (E = 1, S = 1):
-    the mIoU at each background threshold tau_bg; with the classes absent from the ground truth
-    removed (what false alarms on absent classes cost); per class IoU, precision and recall; and
-    the pixels of the shapes split into found, missed (background) and taken for another class."""
-    from digseg import aggregate
-    from metrics import confusion_matrix, miou
-    model, val = DiGSeg.from_checkpoint(ckpt).eval(), data.build("toy", "", "val", evaluation=True)
-    C = len(data.TOY_CLASSES)
-    cms = {t: 0 for t in tau_bgs}
-    oracle = 0
-    for i in range(min(n, len(val))):
-        image, gt, _ = val[i]
-        probs = model.segment(image, list(data.TOY_CLASSES), ensemble=1, steps=1)
-        for t in tau_bgs:
-            cms[t] = cms[t] + confusion_matrix(aggregate(probs, t), gt, C)
-        present = torch.zeros(C, 1, 1)
-        present[[c for c in gt.unique().tolist() if c >= 0]] = 1
-        oracle = oracle + confusion_matrix(aggregate(probs * present, 0.5), gt, C)
-    cm = cms[0.5].astype(float)
-    shape_pixels = cm[:C].sum()
-    return {"checkpoint": ckpt, "scenes": min(n, len(val)),
-            "miou_by_tau_bg": {str(t): miou(cms[t])["miou_gt"] for t in tau_bgs},
-            "miou_absent_classes_removed": miou(oracle)["miou_gt"],
-            "per_class": {name: {"iou": float(miou(cms[0.5])["per_class"][c]),
-                                 "precision": float(cm[c, c] / max(cm[:, c].sum(), 1)),
-                                 "recall": float(cm[c, c] / max(cm[c].sum(), 1))} for c, name in enumerate(data.TOY_CLASSES)},
-            "shape_pixels": {"found": float(np.trace(cm[:C, :C]) / shape_pixels),
-                             "missed_as_background": float(cm[:C, C].sum() / shape_pixels),
-                             "taken_for_another_class": float((cm[:C, :C].sum() - np.trace(cm[:C, :C])) / shape_pixels)},
-            "background_taken_for_a_class": float(cm[C, :C].sum() / max(cm[C].sum(), 1))}
+# ---- where the rest of the way to the ceiling goes (--study=ceiling) ---------------------------------
 
-
-@torch.no_grad()
-def vae_ceiling(sd2_dir, n):
-    """The mIoU of the ground truth itself through the toy VAE, as inference sees masks: every class's
-    mask (2y - 1) encoded and decoded, M_c its channel mean, aggregated at tau_bg = 0.5."""
-    from digseg import aggregate, image_to_mask
-    from metrics import confusion_matrix, miou
-    sd, val, C = load_sd2(sd2_dir), data.build("toy", "", "val", evaluation=True), len(data.TOY_CLASSES)
-    cm = 0
-    for i in range(min(n, len(val))):
-        _, gt, _ = val[i]
-        masks = torch.stack([(gt == c).float() for c in range(C)])                 # (C, H, W)
-        probs = image_to_mask(sd.vae.decode(sd.vae.encode(mask_to_image(masks))[0]))
-        cm = cm + confusion_matrix(aggregate(probs, 0.5), gt, C)
-    return {"scenes": min(n, len(val)), "miou": miou(cm)["miou_gt"]}
+def study_ceiling(out, args):
+    """Command 1's checkpoint (built, as command 1 builds it, if missing) and, when the e2e study has
+    run here, its e2e model at command 1's time (seed 0, all scenes), against the VAE's ceiling: the
+    error budget of each (toyworld/ceiling.py) on val_images scenes. Writes <out>/ceiling/results.json
+    and ceiling.png (recall by depth inside the shape, recall per class)."""
+    ckpt = build_world(out, args.vae_steps, args.clip_steps, args.train_steps, 0, args.seed, args.dtype)
+    models = {"diffusion": ckpt}
+    e2e_ckpt = os.path.join(out, "e2e", f"e2e-c1time-{E2E_SCENES[0]}-seed0", "checkpoint")
+    if os.path.isdir(e2e_ckpt):
+        models["e2e"] = e2e_ckpt
+    else:
+        log(f"ceiling study: no e2e model at {e2e_ckpt} (python toy.py --study=e2e --study_rows=e2e-c1time trains it); "
+            "command 1's checkpoint only")
+    budgets = {}
+    for name, path in models.items():
+        log(f"ceiling study: the error budget of {path} on {args.val_images} scenes")
+        budgets[name] = error_budget(path, args.val_images)
+    ceiling = vae_ceiling(os.path.join(out, "sd2"), args.val_images)
+    folder = os.path.join(out, "ceiling")
+    os.makedirs(folder, exist_ok=True)
+    write_text_atomic(os.path.join(folder, "results.json"), json.dumps({**budgets, "ceiling": ceiling}, indent=2))
+    ceiling_figure(os.path.join(folder, "ceiling.png"), budgets, ceiling)
+    for name, b in {**budgets, "ceiling": ceiling}.items():
+        by_side = ", ".join(f"{k} px {v:.3f}" for k, v in b["miou_by_long_side"].items())
+        log(f"{name:9s} mIoU by long side: {by_side}; recall by depth "
+            + " ".join(f"{k}: {v:.3f}" for k, v in b["recall_by_depth"].items())
+            + ("" if name == "ceiling" else f"; best tau_bg {max(b['miou_by_tau_bg'].values()):.3f}; "
+               f"absent classes removed {b['miou_absent_classes_removed']:.3f}"))
+    log(f"results in {folder}/results.json and ceiling.png")
+    return budgets, ceiling
 
 
 @torch.no_grad()
