@@ -29,6 +29,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from digseg import DiGSeg
 from launch import POSITIVE, parse_settings, run
 from toyworld.studies import readme_figure, study_ceiling, study_e2e, study_prior
 from toyworld.world import build_world, default_dtype, log, run_script
@@ -39,7 +40,7 @@ class Settings:
     out: str = "out/toy"             # the world's folder: its stages, DiGSeg, the evaluation
     vae_steps: int = 1500            # stage 1: the toy VAE's steps
     clip_steps: int = 600            # stage 2: the toy CLIP's steps
-    train_steps: int = 2400          # stage 3: DiGSeg's fine-tuning steps (train.py --preset=toy)
+    train_steps: int = 1600          # stage 3: DiGSeg's fine-tuning steps (train.py --preset=toy)
     prior: bool = False              # fine-tune the U-Net pretrained as a text-to-image model (stage 2b), not one from scratch
     prior_steps: int = 600           # stage 2b's steps (batch 32)
     val_images: int = 100            # validation scenes scored
@@ -71,12 +72,13 @@ def main(argv=None):
         return 0
     ckpt = build_world(args.out, args.vae_steps, args.clip_steps, args.train_steps, args.prior_steps * args.prior,
                        args.seed, args.dtype)
-    log("stage 4/4: segmenting and evaluating the validation split (E = 1, S = 1, trailing): python eval.py")
+    side = DiGSeg.config_of(ckpt).resolution                # the working size: train.py's toy preset
+    log(f"stage 4/4: segmenting and evaluating the validation split (E = 1, S = 1, trailing, at {side} px): python eval.py")
     run_script("eval.py", f"--checkpoint={ckpt}", "--dataset=toy", f"--limit={args.val_images}", "--proposals=0", "--ensemble=1",
                "--steps=1", "--spacing=trailing", f"--out={args.out}/eval", "--overlays=8")
     with open(os.path.join(args.out, "eval", "metrics_main.json")) as f:
         scores = json.load(f)
-    log(f"toy val mIoU {scores['miou_gt']:.4f} (E=1, S=1 trailing, {args.val_images} images) in "
+    log(f"toy val mIoU {scores['miou_gt']:.4f} (E=1, S=1 trailing, {side} px, {args.val_images} images) in "
         f"{(time.time() - t_start) / 60:.1f} min; overlays in {args.out}/eval/")
     if args.figure:
         readme_figure(ckpt, args.figure)

@@ -30,6 +30,7 @@ STUDY_SCENES = (50, 200, 1000, 20000)            # labelled training scenes: the
 STUDY_T_MAX_SHARE = 0.5
 STUDY_DTYPE = "fp32"
 STUDY_SIZE = 64
+STUDY_RESOLUTION = 64                            # its scenes segmented at their own size
 
 
 # How every study cell is scored: one member, one trailing step, as command 1 scores (a cell's
@@ -68,14 +69,16 @@ def study_prior(out, args):
         cell = f"{init}-{scenes_}-{trainable}"
         settings = {"steps": args.study_steps, "scenes": scenes_, "val_images": args.val_images, "world": world,
                     "eval": " ".join(STUDY_EVAL),
-                    "t_max_share": STUDY_T_MAX_SHARE, "dtype": STUDY_DTYPE, "size": STUDY_SIZE}
+                    "t_max_share": STUDY_T_MAX_SHARE, "dtype": STUDY_DTYPE, "size": STUDY_SIZE,
+                    "resolution": STUDY_RESOLUTION}
         done = cells.get("prior", cell, seed, settings)
         if done is None:
             miou, seconds = train_and_eval(
                 os.path.join(folder, f"{cell}-seed{seed}"),
                 [f"--sd2={bases[init]}", f"--clip={clip_dir}", f"--max_steps={args.study_steps}",
                  f"--fraction={scenes_ / 20000}", f"--seed={seed}", f"--trainable={trainable}", "--log_every=1000",
-                 f"--t_max_share={STUDY_T_MAX_SHARE}", f"--dtype={STUDY_DTYPE}", f"--size={STUDY_SIZE}"],
+                 f"--t_max_share={STUDY_T_MAX_SHARE}", f"--dtype={STUDY_DTYPE}", f"--size={STUDY_SIZE}",
+                 f"--resolution={STUDY_RESOLUTION}"],
                 args.val_images)
             done = cells.add("prior", cell, seed, settings, miou=miou, train_seconds=seconds)
             log(f"prior study: {cell} seed {seed}: mIoU {miou:.4f} (appended to {args.study_cells})")
@@ -107,6 +110,7 @@ def study_prior(out, args):
 
 E2E_STEP_COST = 1.84        # an e2e step / a diffusion step at the toy preset (bench.py --only=e2e; docs/results.md)
 E2E_SCENES = (20000, 200)   # labelled training scenes: all of them, and few
+E2E_RESOLUTION = 128        # the working size its cells are scored at: command 1's (train.py's toy preset)
 # The rows: (name, what it is, train.py flags, base, share of the step budget, budgets). Each row runs
 # at the study's step budget N ("steps"); the e2e and ontop rows also at the e2e steps that cost what
 # N diffusion steps cost ("time": equal wall time, E2E_STEP_COST). "ontop" fine-tunes the preset's run
@@ -142,7 +146,7 @@ def study_e2e(out, args):
     def settings_of(job):
         row, flags, base, steps, scenes, seed, budget = job
         return {"steps": steps, "scenes": scenes, "flags": flags, "base": base, "val_images": args.val_images,
-                "world": world, "dtype": "fp32", "eval": " ".join(STUDY_EVAL), **({"first": N // 2} if base == "preset-half" else {})}
+                "world": world, "dtype": "fp32", "eval": " ".join(STUDY_EVAL), "resolution": E2E_RESOLUTION, **({"first": N // 2} if base == "preset-half" else {})}
 
     def cell_of(job):                                 # the name a job's cell has in the results file
         row, _, _, _, scenes, _, budget = job
@@ -159,11 +163,13 @@ def study_e2e(out, args):
         half = run_dir("preset-half", scenes, seed, "steps")
         if base == "preset-half" and not os.path.isdir(os.path.join(half, "checkpoint")):
             train_and_eval(half, [f"--sd2={bases['scratch']}", f"--clip={clip_dir}", f"--max_steps={N // 2}",
-                                  f"--fraction={scenes / 20000}", f"--seed={seed}", "--dtype=fp32"], args.val_images, env)
+                                  f"--fraction={scenes / 20000}", f"--seed={seed}", "--dtype=fp32", f"--resolution={E2E_RESOLUTION}"],
+                           args.val_images, env)
         init = [f"--init={half}/checkpoint"] if base == "preset-half" else [f"--sd2={bases[base]}"]
         miou, seconds = train_and_eval(run_dir(row, scenes, seed, budget),
                                        [*init, f"--clip={clip_dir}", f"--max_steps={steps}", f"--fraction={scenes / 20000}",
-                                        f"--seed={seed}", "--log_every=200", "--dtype=fp32", *flags], args.val_images, env)
+                                        f"--seed={seed}", "--log_every=200", "--dtype=fp32", f"--resolution={E2E_RESOLUTION}", *flags],
+                                       args.val_images, env)
         cells.add("e2e", cell, seed, settings_of(job), miou=miou, train_seconds=seconds,
                   steps=steps + (N // 2 if base == "preset-half" else 0))
         log(f"e2e study: {cell} seed {seed}: mIoU {miou:.4f} (appended to {args.study_cells})")

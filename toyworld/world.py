@@ -54,7 +54,7 @@ def run_script(script, *flags):
         raise SystemExit(f"toy: {' '.join(cmd)} failed with exit code {code} (its error is above)")
 
 
-def build_world(out="out/toy", vae_steps=1500, clip_steps=600, train_steps=2400, prior_steps=0, seed=0, dtype=None):
+def build_world(out="out/toy", vae_steps=1500, clip_steps=600, train_steps=1600, prior_steps=0, seed=0, dtype=None):
     """Stages 1-3, each skipped when built with the same settings. prior_steps > 0: stage 2b, and
     DiGSeg fine-tunes the text-to-image U-Net instead of one from scratch. dtype: fp32 | bf16 of
     stage 3 (None: default_dtype()). Returns the DiGSeg checkpoint folder."""
