@@ -73,13 +73,15 @@ def _shares(cm, C):
 
 
 @torch.no_grad()
-def error_budget(ckpt, n, tau_bgs=TAU_BGS, long_sides=(64, 128)):
+def error_budget(ckpt, n, tau_bgs=TAU_BGS, long_sides=None):
     """Where a checkpoint's mIoU goes, on the first n validation scenes, every class run (E = 1,
     S = 1): the mIoU at each background threshold; with the classes absent from the ground truth
     removed; per class IoU, precision and recall; the shapes' pixels split into found, missed
     (background) and taken for another class; recall by depth inside the shape; background pixels
-    taken for a class; and the mIoU at each working long side (tau_bg 0.5)."""
+    taken for a class; and the mIoU at each working long side (tau_bg 0.5). long_sides: the first is
+    where the rest is measured; default: the checkpoint's own (command 1's), then the scenes' side."""
     model, val = DiGSeg.from_checkpoint(ckpt).eval(), data.build("toy", "", "val", evaluation=True)
+    long_sides = long_sides or tuple(dict.fromkeys((model.cfg.resolution, data.TOY_SIZE)))
     C, names = len(data.TOY_CLASSES), list(data.TOY_CLASSES)
     tally, oracle, sides = Tally(C, tau_bgs), 0, {s: 0 for s in long_sides[1:]}
     for i in range(min(n, len(val))):
@@ -105,26 +107,24 @@ def error_budget(ckpt, n, tau_bgs=TAU_BGS, long_sides=(64, 128)):
 @torch.no_grad()
 def vae_ceiling(sd2_dir, n, scales=(1, 2)):
     """The mIoU of the ground truth itself through the toy VAE, as inference sees masks: every class's
-    mask (2y - 1) encoded and decoded, M_c its channel mean, aggregated at tau_bg = 0.5; with its
-    recall by depth and per class. scales > 1: the masks enlarged that much (nearest) before the VAE,
-    the maps resized back (bilinear, as segment() does), the ceiling of a larger working size."""
+    mask (2y - 1) encoded and decoded, M_c its channel mean, aggregated at tau_bg = 0.5; at each
+    scale, the masks enlarged that much (nearest) before the VAE and the maps resized back (bilinear,
+    as segment() does): the ceiling of a working size that many times the scenes' side. Its recall by
+    depth, per class and the shares of the shape pixels are those of the first scale."""
     sd, val, C = load_sd2(sd2_dir), data.build("toy", "", "val", evaluation=True), len(data.TOY_CLASSES)
-    tally, by_scale = Tally(C, (0.5,)), {s: 0 for s in scales[1:]}
+    tallies = {s: Tally(C, (0.5,)) for s in scales}
     for i in range(min(n, len(val))):
         _, gt, _ = val[i]
         masks = torch.stack([(gt == c).float() for c in range(C)])                       # (C, H, W)
-        tally.add(image_to_mask(sd.vae.decode(sd.vae.encode(mask_to_image(masks))[0])), gt)
-        for s in by_scale:
-            big = F.interpolate(masks[None], scale_factor=s, mode="nearest")[0]         # (C, sH, sW)
+        for s, tally in tallies.items():
+            big = F.interpolate(masks[None], scale_factor=s, mode="nearest")[0] if s != 1 else masks   # (C, sH, sW)
             probs = image_to_mask(sd.vae.decode(sd.vae.encode(mask_to_image(big))[0]))
-            probs = F.interpolate(probs[None], size=gt.shape, mode="bilinear", align_corners=False)[0]
-            by_scale[s] = by_scale[s] + confusion_matrix(aggregate(probs, 0.5), gt, C)
-    side = data.TOY_SIZE
-    shape_pixels, per_class = _shares(tally.cms[0.5], C)
-    return {"scenes": min(n, len(val)), "miou": miou(tally.cms[0.5])["miou_gt"],
-            "miou_by_long_side": {str(side): miou(tally.cms[0.5])["miou_gt"],
-                                  **{str(side * s): miou(m)["miou_gt"] for s, m in by_scale.items()}},
-            "per_class": per_class, "shape_pixels": shape_pixels, "recall_by_depth": tally.recall_by_depth()}
+            tally.add(F.interpolate(probs[None], size=gt.shape, mode="bilinear", align_corners=False)[0] if s != 1 else probs, gt)
+    first = tallies[scales[0]]
+    shape_pixels, per_class = _shares(first.cms[0.5], C)
+    return {"scenes": min(n, len(val)), "miou": miou(first.cms[0.5])["miou_gt"],
+            "miou_by_long_side": {str(data.TOY_SIZE * s): miou(t.cms[0.5])["miou_gt"] for s, t in tallies.items()},
+            "per_class": per_class, "shape_pixels": shape_pixels, "recall_by_depth": first.recall_by_depth()}
 
 
 def ceiling_figure(path, budgets, ceiling):

@@ -300,7 +300,8 @@ def study_ceiling(out, args):
     for name, path in models.items():
         log(f"ceiling study: the error budget of {path} on {args.val_images} scenes")
         budgets[name] = error_budget(path, args.val_images)
-    ceiling = vae_ceiling(os.path.join(out, "sd2"), args.val_images)
+    side = DiGSeg.config_of(ckpt).resolution                      # command 1's working size first
+    ceiling = vae_ceiling(os.path.join(out, "sd2"), args.val_images, scales=tuple(dict.fromkeys((side // data.TOY_SIZE, 1))))
     folder = os.path.join(out, "ceiling")
     os.makedirs(folder, exist_ok=True)
     write_text_atomic(os.path.join(folder, "results.json"), json.dumps({**budgets, "ceiling": ceiling}, indent=2))
