@@ -9,9 +9,12 @@ scenes, every class run (E = 1, S = 1, trailing, as command 1 scores):
     class proposer would give back);
   - the pixels missed near a shape's edge: recall by a pixel's depth inside its shape (1 = on the
     edge); a thin shape (the ring, the bar) is nearly all edge, so per-class recall goes with it;
-  - the working resolution: the scene segmented at twice its side (long_side 128: a 32 x 32
-    latent), the maps resized back, against the same for the ceiling.
+  - the working resolution: the scene segmented at its own side (64 px: a 16 x 16 latent) and at
+    twice it (128 px, command 1's), the maps resized back, against the same for the ceiling.
 """
+import os
+import tempfile
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -20,6 +23,7 @@ import data
 from digseg import DiGSeg, aggregate, image_to_mask, mask_to_image
 from metrics import confusion_matrix, miou
 from model.weights import load_sd2
+from plot import bar_plot, line_plot, side_by_side
 
 DEPTHS = (1, 2, 3, 4)          # a pixel's depth inside its shape, 4-neighbour steps; the last bin is 4 and deeper
 TAU_BGS = (0.3, 0.4, 0.5, 0.6, 0.7)
@@ -63,12 +67,12 @@ class Tally:
 def _shares(cm, C):
     """Shape pixels found / missed as background / taken for another class, and per-class recall and
     precision, from a confusion matrix (tau_bg 0.5)."""
-    cm = cm.astype(float)
+    cm, iou = cm.astype(float), miou(cm)["per_class"]
     shape_pixels = cm[:C].sum()
     return ({"found": float(np.trace(cm[:C, :C]) / shape_pixels),
              "missed_as_background": float(cm[:C, C].sum() / shape_pixels),
              "taken_for_another_class": float((cm[:C, :C].sum() - np.trace(cm[:C, :C])) / shape_pixels)},
-            {name: {"iou": float(miou(cm)["per_class"][c]), "precision": float(cm[c, c] / max(cm[:, c].sum(), 1)),
+            {name: {"iou": float(iou[c]), "precision": float(cm[c, c] / max(cm[:, c].sum(), 1)),
                     "recall": float(cm[c, c] / max(cm[c].sum(), 1))} for c, name in enumerate(data.TOY_CLASSES)})
 
 
@@ -117,9 +121,9 @@ def vae_ceiling(sd2_dir, n, scales=(1, 2)):
         _, gt, _ = val[i]
         masks = torch.stack([(gt == c).float() for c in range(C)])                       # (C, H, W)
         for s, tally in tallies.items():
-            big = F.interpolate(masks[None], scale_factor=s, mode="nearest")[0] if s != 1 else masks   # (C, sH, sW)
+            big = F.interpolate(masks[None], scale_factor=s, mode="nearest")[0]           # (C, sH, sW)
             probs = image_to_mask(sd.vae.decode(sd.vae.encode(mask_to_image(big))[0]))
-            tally.add(F.interpolate(probs[None], size=gt.shape, mode="bilinear", align_corners=False)[0] if s != 1 else probs, gt)
+            tally.add(F.interpolate(probs[None], size=gt.shape, mode="bilinear", align_corners=False)[0], gt)
     first = tallies[scales[0]]
     shape_pixels, per_class = _shares(first.cms[0.5], C)
     return {"scenes": min(n, len(val)), "miou": miou(first.cms[0.5])["miou_gt"],
@@ -130,9 +134,6 @@ def vae_ceiling(sd2_dir, n, scales=(1, 2)):
 def ceiling_figure(path, budgets, ceiling):
     """One PNG, two panels: recall by depth inside the shape, and recall per class, of each checkpoint
     (budgets: {label: error_budget(...)}) and of the ceiling."""
-    from plot import bar_plot, line_plot, side_by_side
-    import os
-    import tempfile
     every = {**budgets, "VAE ceiling (ground truth)": ceiling}
     with tempfile.TemporaryDirectory() as tmp:
         left = line_plot(os.path.join(tmp, "a.png"), {k: (list(DEPTHS), list(v["recall_by_depth"].values()))
